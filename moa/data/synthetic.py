@@ -1,0 +1,233 @@
+"""Procedural people-in-context scenes written in FastComposer's FFHQ-wild on-disk format.
+
+Every subject is a person-like figure whose identity is a set of discrete attributes (skin, hair
+colour and style, shirt colour and pattern) and whose word is "man" or "woman"; the context is a
+background and an object. Captions name the subjects and the context, never the identity, so the
+identity can only come from the subject image. Masks are exact, since we draw them.
+
+Layout written (the same one ``FFHQWildDataset`` reads)::
+
+    root/image_ids.txt, image_ids_train.txt, image_ids_test.txt
+    root/<id[:5]>/<id>.jpg    RGB image
+    root/<id[:5]>/<id>.npy    (H, W) integer segment map, values = segment ids, 0 = unlabeled
+    root/<id[:5]>/<id>.json   {"caption", "segments": [{"id", "bbox": [x1, y1, x2, y2], "end",
+                                                        "coco_label", "word"}]}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+SKIN = {"pale": (241, 206, 180), "tan": (205, 150, 110), "brown": (150, 95, 60), "dark": (90, 56, 38)}
+HAIR_COLOUR = {"black": (25, 20, 20), "blond": (235, 200, 90), "red": (180, 60, 30), "grey": (160, 160, 165),
+               "blue": (40, 90, 200)}
+HAIR_STYLE = ("short", "long", "bald")
+SHIRT_COLOUR = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (230, 200, 40),
+                "purple": (130, 50, 160), "white": (235, 235, 235)}
+SHIRT_PATTERN = ("plain", "striped")
+WORDS = ("man", "woman")
+BACKGROUNDS = {
+    "in a park": ((120, 180, 235), (70, 150, 60), "grass"),
+    "on a beach": ((150, 200, 240), (225, 205, 150), "sand"),
+    "in a room": ((210, 195, 170), (120, 85, 60), "floor-wood"),
+    "at night": ((20, 25, 60), (40, 40, 50), "pavement"),
+}
+OBJECTS = {"ball": "sports ball", "flower": "potted plant", "cup": "cup"}
+OBJECT_COLOUR = {"red": (210, 30, 30), "orange": (240, 140, 20), "pink": (240, 120, 180), "cyan": (40, 200, 210)}
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The discrete attributes that make a subject who they are."""
+
+    word: str
+    skin: str
+    hair_colour: str
+    hair_style: str
+    shirt_colour: str
+    shirt_pattern: str
+
+    @classmethod
+    def sample(cls, rng: random.Random) -> Identity:
+        return cls(rng.choice(WORDS), rng.choice(list(SKIN)), rng.choice(list(HAIR_COLOUR)), rng.choice(HAIR_STYLE),
+                   rng.choice(list(SHIRT_COLOUR)), rng.choice(SHIRT_PATTERN))
+
+
+def _draw_person(canvas: ImageDraw.ImageDraw, labels: ImageDraw.ImageDraw, identity: Identity, *, cx: float,
+                 ground: float, height: float, segment_id: int, arm_up: bool) -> tuple[float, float]:
+    """Draw one figure standing on ``ground`` and return where its hand is."""
+    head_r = height * 0.13
+    head_cy = ground - height + head_r
+    body_top, body_bottom = head_cy + head_r, ground - height * 0.35
+    half_w = height * (0.17 if identity.word == "man" else 0.14)
+    skin, shirt = SKIN[identity.skin], SHIRT_COLOUR[identity.shirt_colour]
+    shapes = []
+    # legs, body (a dress-like trapezoid for "woman"), arms, head, hair
+    shapes.append(("rect", (cx - half_w * 0.8, body_bottom, cx + half_w * 0.8, ground), (60, 60, 80)))
+    if identity.word == "man":
+        shapes.append(("rect", (cx - half_w, body_top, cx + half_w, body_bottom), shirt))
+    else:
+        shapes.append(("poly", [(cx - half_w * 0.7, body_top), (cx + half_w * 0.7, body_top),
+                                (cx + half_w * 1.3, body_bottom), (cx - half_w * 1.3, body_bottom)], shirt))
+    hand = (cx + half_w * 2.0, body_top - height * 0.05) if arm_up else (cx + half_w * 1.8, body_bottom - height * 0.05)
+    shapes.append(("line", [(cx + half_w, body_top + 2), hand], skin))
+    shapes.append(("line", [(cx - half_w, body_top + 2), (cx - half_w * 1.6, body_bottom - height * 0.05)], skin))
+    if identity.hair_style == "long":
+        shapes.append(("rect", (cx - head_r * 1.15, head_cy - head_r, cx + head_r * 1.15, head_cy + head_r * 1.6),
+                       HAIR_COLOUR[identity.hair_colour]))
+    shapes.append(("ellipse", (cx - head_r, head_cy - head_r, cx + head_r, head_cy + head_r), skin))
+    if identity.hair_style != "bald":
+        shapes.append(("chord", (cx - head_r * 1.05, head_cy - head_r * 1.1, cx + head_r * 1.05, head_cy + head_r * 0.6),
+                       HAIR_COLOUR[identity.hair_colour]))
+    width = max(1, int(height * 0.06))
+    for kind, xy, colour in shapes:
+        for target, fill in ((canvas, colour), (labels, segment_id)):
+            if kind == "rect":
+                target.rectangle(xy, fill=fill)
+            elif kind == "poly":
+                target.polygon(xy, fill=fill)
+            elif kind == "line":
+                target.line(xy, fill=fill, width=width)
+            elif kind == "ellipse":
+                target.ellipse(xy, fill=fill)
+            else:
+                target.chord(xy, 180, 360, fill=fill)
+    if identity.shirt_pattern == "striped":
+        for y in np.arange(body_top + 2, body_bottom, max(2.0, height * 0.06)):
+            canvas.line([(cx - half_w * 0.9, y), (cx + half_w * 0.9, y)], fill=(20, 20, 20), width=1)
+    return hand
+
+
+def render_scene(rng: random.Random, identities: list[Identity], *, size: int) -> tuple[Image.Image, np.ndarray, dict]:
+    """One scene: image, segment map and FFHQ-wild annotation for ``identities`` (1 or 2 people)."""
+    place = rng.choice(list(BACKGROUNDS))
+    sky, floor, floor_label = BACKGROUNDS[place]
+    horizon = int(size * rng.uniform(0.45, 0.65))
+    image = Image.new("RGB", (size, size), sky)
+    segmap = Image.new("I", (size, size), 0)
+    canvas, labels = ImageDraw.Draw(image), ImageDraw.Draw(segmap)
+    canvas.rectangle((0, horizon, size, size), fill=floor)
+    labels.rectangle((0, horizon, size, size), fill=1)
+    holds = rng.random() < 0.6
+    obj, obj_colour = rng.choice(list(OBJECTS)), rng.choice(list(OBJECT_COLOUR))
+
+    slots = sorted(rng.sample(range(len(identities) * 2), len(identities)))
+    hand = None
+    for index, identity in enumerate(identities):
+        height = size * rng.uniform(0.55, 0.85)
+        ground = min(size - 1.0, horizon + size * rng.uniform(0.15, 0.4) + (height - size * 0.55) * 0.3)
+        cx = size * (slots[index] + rng.uniform(0.6, 1.4)) / (len(identities) * 2 + 1)
+        person_hand = _draw_person(canvas, labels, identity, cx=cx, ground=ground, height=height,
+                                   segment_id=10 + index, arm_up=holds and index == 0)
+        hand = hand or person_hand
+    obj_r = size * 0.07
+    ox, oy = hand if holds else (size * rng.uniform(0.1, 0.9), size * rng.uniform(0.75, 0.9))
+    colour = OBJECT_COLOUR[obj_colour]
+    box = (ox - obj_r, oy - obj_r, ox + obj_r, oy + obj_r)
+    if obj == "ball":
+        canvas.ellipse(box, fill=colour)
+        labels.ellipse(box, fill=20)
+    elif obj == "cup":
+        canvas.rectangle((box[0] + obj_r * 0.4, box[1], box[2] - obj_r * 0.4, box[3]), fill=colour)
+        labels.rectangle((box[0] + obj_r * 0.4, box[1], box[2] - obj_r * 0.4, box[3]), fill=20)
+    else:
+        canvas.line([(ox, oy + obj_r), (ox, oy - obj_r * 0.3)], fill=(30, 130, 40), width=2)
+        labels.line([(ox, oy + obj_r), (ox, oy - obj_r * 0.3)], fill=20, width=2)
+        canvas.ellipse((ox - obj_r * 0.6, oy - obj_r, ox + obj_r * 0.6, oy - obj_r * 0.1), fill=colour)
+        labels.ellipse((ox - obj_r * 0.6, oy - obj_r, ox + obj_r * 0.6, oy - obj_r * 0.1), fill=20)
+
+    # Caption, keeping the character index where each noun phrase ends (FastComposer's "end").
+    parts, ends = [], {}
+    for index, identity in enumerate(identities):
+        if index:
+            parts.append(" and ")
+        parts.append(f"a {identity.word}")
+        ends[10 + index] = len("".join(parts))
+    parts.append(" holding " if holds else " next to ")
+    parts.append(f"a {obj_colour} {obj}")
+    ends[20] = len("".join(parts))
+    parts.append(f" {place}")
+    caption = "".join(parts)
+    ends[1] = len(caption)
+
+    seg = np.asarray(segmap, dtype=np.int32)
+    segments = []
+    words = {10 + i: identity.word for i, identity in enumerate(identities)} | {20: obj, 1: place.split()[-1]}
+    coco = {10 + i: "person" for i in range(len(identities))} | {20: OBJECTS[obj], 1: floor_label}
+    for segment_id in sorted(ends):
+        ys, xs = np.nonzero(seg == segment_id)
+        if len(xs) == 0:
+            continue
+        segments.append({"id": int(segment_id), "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
+                         "end": ends[segment_id], "coco_label": coco[segment_id], "word": words[segment_id]})
+    annotation = {"caption": caption, "segments": segments,
+                  "identities": [identity.__dict__ for identity in identities], "context": {"place": place, "object": obj,
+                                                                                        "object_colour": obj_colour, "holding": holds}}
+    return image, seg, annotation
+
+
+def sample_id(index: int) -> str:
+    return f"{index:08d}"
+
+
+def sample_dir(root: Path, image_id: str) -> Path:
+    return Path(root) / image_id[:5]
+
+
+def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size: int = 128, seed: int = 0,
+                         two_subject_fraction: float = 0.3, test_fraction: float = 0.125) -> Path:
+    """Render ``num_samples`` scenes into ``root`` in the FFHQ-wild layout; atomic (temp dir + rename).
+
+    Does nothing if ``root`` already holds a complete data set.
+    """
+    root = Path(root)
+    if (root / "image_ids.txt").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    rng = random.Random(seed)
+    ids = []
+    for index in tqdm(range(num_samples), desc="rendering synthetic FFHQ-wild", disable=num_samples < 200):
+        count = 2 if rng.random() < two_subject_fraction else 1
+        image, seg, annotation = render_scene(rng, [Identity.sample(rng) for _ in range(count)], size=size)
+        image_id = sample_id(index)
+        folder = sample_dir(staging, image_id)
+        folder.mkdir(exist_ok=True)
+        image.save(folder / f"{image_id}.jpg", quality=95)
+        np.save(folder / f"{image_id}.npy", seg)
+        (folder / f"{image_id}.json").write_text(json.dumps(annotation))
+        ids.append(image_id)
+    num_test = max(1, int(len(ids) * test_fraction))
+    (staging / "image_ids.txt").write_text("\n".join(ids) + "\n")
+    (staging / "image_ids_train.txt").write_text("\n".join(ids[:-num_test]) + "\n")
+    (staging / "image_ids_test.txt").write_text("\n".join(ids[-num_test:]) + "\n")
+    try:
+        staging.rename(root)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %d synthetic FFHQ-wild samples to %s", num_samples, root)
+    return root
+
+
+def caption_corpus(num_samples: int = 2000, seed: int = 1) -> list[str]:
+    """Captions of the synthetic world, for training the tiny tokenizer."""
+    rng = random.Random(seed)
+    captions = []
+    for _ in range(num_samples):
+        count = 2 if rng.random() < 0.3 else 1
+        _, _, annotation = render_scene(rng, [Identity.sample(rng) for _ in range(count)], size=16)
+        captions.append(annotation["caption"])
+    return captions

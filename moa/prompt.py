@@ -1,0 +1,88 @@
+"""Multimodal prompt (paper eq. 8): subject image + subject word -> per-layer, per-timestep token."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class SpacetimeEncoding(nn.Module):
+    """Learned positional encoding ``PE(t, l)`` of diffusion timestep and transformer block.
+
+    Fourier features of the normalised timestep and block index, then a small MLP. (The paper only
+    says "learned positional encoding"; this is our reading, see METHOD.md.)
+    """
+
+    def __init__(self, out_dim: int, *, num_blocks: int, num_frequencies: int = 8, hidden_dim: int = 256,
+                 max_timestep: int = 1000):
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.max_timestep = max_timestep
+        self.register_buffer(
+            "frequencies", math.pi * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32), persistent=False
+        )
+        self.mlp = nn.Sequential(nn.Linear(4 * num_frequencies, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """timesteps (batch,) -> encodings (batch, num_blocks, out_dim)."""
+        t = timesteps.float()[:, None].expand(-1, self.num_blocks) / self.max_timestep
+        block = torch.linspace(0.0, 1.0, self.num_blocks, device=t.device)[None].expand_as(t)
+        angles = torch.stack([t, block], dim=-1)[..., None] * self.frequencies  # (b, blocks, 2, F)
+        features = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class MultimodalPromptEncoder(nn.Module):
+    """``MLP(LayerNorm(concat(f, t)) + LayerNorm(PE(t, l)))`` for each subject, block and timestep.
+
+    Args:
+        image_dim: width of the image feature ``f`` (CLIP ViT-L/14 projection: 768).
+        text_dim: width of the text encoder's output (SD1.5: 768); also the output width.
+        num_blocks: transformer blocks of the U-Net (SD1.5: 16).
+        spacetime: ``False`` is the ``no_spacetime`` ablation (``m_bar = LayerNorm(m)``); the
+            output then has a single block dimension, broadcast over blocks.
+    """
+
+    def __init__(self, *, image_dim: int, text_dim: int, num_blocks: int = 16, spacetime: bool = True,
+                 hidden_dim: int | None = None):
+        super().__init__()
+        multimodal_dim = image_dim + text_dim
+        hidden_dim = hidden_dim or multimodal_dim
+        self.spacetime = spacetime
+        self.num_blocks = num_blocks
+        self.norm = nn.LayerNorm(multimodal_dim)
+        if spacetime:
+            self.positional = SpacetimeEncoding(multimodal_dim, num_blocks=num_blocks)
+            self.positional_norm = nn.LayerNorm(multimodal_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(multimodal_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, text_dim), nn.LayerNorm(text_dim)
+        )
+
+    def forward(self, image_features: torch.Tensor, word_embeddings: torch.Tensor,
+                timesteps: torch.Tensor) -> torch.Tensor:
+        """image_features (batch, subjects, image_dim), word_embeddings (batch, subjects, text_dim),
+        timesteps (batch,) -> subject tokens (batch, blocks, subjects, text_dim), blocks = 1 without
+        spacetime conditioning."""
+        multimodal = self.norm(torch.cat([image_features, word_embeddings], dim=-1))[:, None]
+        if self.spacetime:
+            positional = self.positional_norm(self.positional(timesteps))  # (b, blocks, dim)
+            multimodal = multimodal + positional[:, :, None]
+        return self.mlp(multimodal)
+
+
+def personalize_text(text_embeddings: torch.Tensor, subject_tokens: torch.Tensor, token_index: torch.Tensor,
+                     subject_valid: torch.Tensor) -> torch.Tensor:
+    """Put each subject's token in place of its word's embedding.
+
+    text_embeddings (batch, tokens, dim); subject_tokens (batch, blocks, subjects, dim);
+    token_index, subject_valid (batch, subjects) -> (batch, blocks, tokens, dim). Padded subjects
+    (``subject_valid`` False) change nothing. Written with one-hot products instead of indexing so it
+    needs no host sync and batches over blocks.
+    """
+    one_hot = nn.functional.one_hot(token_index, text_embeddings.shape[1]).to(text_embeddings.dtype)
+    one_hot = one_hot * subject_valid[..., None].to(text_embeddings.dtype)  # (b, subjects, tokens)
+    keep = (1.0 - one_hot.sum(dim=1)).clamp(min=0.0)  # (b, tokens)
+    placed = torch.einsum("bst,blsd->bltd", one_hot, subject_tokens)
+    return text_embeddings[:, None] * keep[:, None, :, None] + placed

@@ -1,0 +1,122 @@
+"""The MoA layer's promises: the prior branch is the original model, exactly."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from moa import MoAConfig, MoAInputs, install_moa, load_moa_state_dict, moa_state_dict
+from moa.tiny import SD15_UNET_CONFIG
+from moa.unet import MoALayoutError, attention_layers, loss_layer_names, moa_processors
+
+
+def _inputs(unet, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    latents = torch.randn(batch, 4, size, size, generator=g)
+    text = torch.randn(batch, 7, unet.config.cross_attention_dim, generator=g)
+    timesteps = torch.tensor([10, 700])[:batch]
+    return latents, timesteps, text
+
+
+@pytest.fixture
+def unet(tiny_dir):
+    return UNet2DConditionModel.from_pretrained(tiny_dir / "stable-diffusion", subfolder="unet").eval()
+
+
+def _randomize(modules):
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.normal_(0.0, 0.5)
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def test_no_subject_and_pers_equal_prior_gives_original_unet_for_any_router(unet):
+    latents, t, text = _inputs(unet)
+    with torch.no_grad():
+        reference = unet(latents, t, text).sample
+    install_moa(unet)
+    _randomize(p.router for p in moa_processors(unet).values())
+    # No subject injected: the personalized condition is the plain text, for every block.
+    moa = MoAInputs(personalized_condition=text[:, None])
+    with torch.no_grad():
+        out = unet(latents, t, text, cross_attention_kwargs={"moa": moa}).sample
+    diff = _max_diff(out, reference)
+    print(f"prior preservation (no subject, pers == prior, random routers): max abs diff {diff:.3e}")
+    assert diff <= 1e-5
+    # The routers really are random (else this test could not fail): a changed expert changes the output.
+    _randomize(p.expert for p in moa_processors(unet).values())
+    with torch.no_grad():
+        changed = unet(latents, t, text, cross_attention_kwargs={"moa": MoAInputs(personalized_condition=text[:, None])}).sample
+    assert _max_diff(changed, reference) > 1e-3
+
+
+def test_router_forced_to_prior_gives_original_unet_for_any_personalized_weights(unet):
+    latents, t, text = _inputs(unet)
+    with torch.no_grad():
+        reference = unet(latents, t, text).sample
+    install_moa(unet)
+    processors = moa_processors(unet).values()
+    _randomize(p.expert for p in processors)
+    with torch.no_grad():
+        for p in processors:
+            last = p.router.net[-1]
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor([60.0, -60.0]))  # softmax -> (1, 0) to float precision
+    subject_condition = torch.randn(2, 16, *text.shape[1:])
+    with torch.no_grad():
+        out = unet(latents, t, text, cross_attention_kwargs={"moa": MoAInputs(personalized_condition=subject_condition)}).sample
+        prior_only = unet(latents, t, text, cross_attention_kwargs={"moa": MoAInputs(prior_only=True)}).sample
+    diff = _max_diff(out, reference)
+    print(f"prior preservation (router forced to prior, random personalized experts): max abs diff {diff:.3e}")
+    assert diff <= 1e-5
+    assert _max_diff(prior_only, reference) == 0.0
+
+
+def test_sd15_shape_unet_gets_32_processors_and_11_loss_blocks():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    trainable = install_moa(unet)
+    processors = moa_processors(unet)
+    assert len(processors) == 32
+    assert sum(p.is_cross_attention for p in processors.values()) == 16
+    loss_layers = loss_layer_names(unet, MoAConfig())
+    blocks = sorted({processors[name].block_index for name in loss_layers})
+    assert blocks == list(range(2, 13))  # skip the first 2 and the last 3 of 16
+    n_trainable = sum(p.numel() for p in trainable)
+    n_frozen = sum(p.numel() for p in unet.parameters()) - n_trainable
+    print(f"SD1.5-shape U-Net with MoA: {n_trainable / 1e6:.2f}M trainable, {n_frozen / 1e6:.2f}M frozen")
+    assert all(p.requires_grad for p in trainable)
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if ".processor." not in n)
+
+
+def test_moa_state_dict_round_trip_and_layout_mismatch(unet, tiny_dir):
+    install_moa(unet)
+    _randomize(moa_processors(unet).values())
+    saved = {k: v.clone() for k, v in moa_state_dict(unet).items()}
+    assert all(".processor." not in k for k in saved)
+    fresh = UNet2DConditionModel.from_pretrained(tiny_dir / "stable-diffusion", subfolder="unet")
+    install_moa(fresh)
+    load_moa_state_dict(fresh, saved)
+    for key, value in moa_state_dict(fresh).items():
+        assert torch.equal(value, saved[key])
+    with pytest.raises(MoALayoutError, match="missing"):
+        load_moa_state_dict(fresh, {k: v for k, v in saved.items() if "up_blocks" not in k})
+    mlp = UNet2DConditionModel.from_pretrained(tiny_dir / "stable-diffusion", subfolder="unet")
+    install_moa(mlp, MoAConfig(router_hidden_dim=8))
+    with pytest.raises(MoALayoutError, match="unexpected|another shape"):
+        load_moa_state_dict(mlp, saved)
+
+
+def test_layout_mismatch_is_a_clear_error_before_any_forward():
+    small = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, cross_attention_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+    )
+    with pytest.raises(MoALayoutError, match="transformer blocks"):
+        install_moa(small)
+    assert attention_layers(small, MoAConfig(num_transformer_blocks=4, loss_skip_first_blocks=0, loss_skip_last_blocks=0))
