@@ -1,0 +1,81 @@
+"""Training callbacks: sample images and router maps, saved as PNGs and logged to wandb."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from moa.pipeline import MoAPipeline
+from moa.visualize import image_grid, router_map_figure
+
+log = logging.getLogger(__name__)
+
+
+def _denormalize(pixels: torch.Tensor, mean, std) -> Image.Image:
+    image = pixels * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    return Image.fromarray((image.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
+
+
+class SampleImagesCallback(pl.Callback):
+    """Every ``every_n_steps`` (and at the end): for the first ``num_samples`` training samples,
+    generate prior-only and personalized images from the same seed, side by side with the subject,
+    plus the router maps of the first one. Only rank 0 generates."""
+
+    def __init__(self, *, every_n_steps: int, out_dir: str, num_samples: int = 2, num_inference_steps: int = 25,
+                 guidance_scale: float = 7.5, seed: int = 0):
+        self.every_n_steps, self.out_dir, self.num_samples = every_n_steps, Path(out_dir), num_samples
+        self.num_inference_steps, self.guidance_scale, self.seed = num_inference_steps, guidance_scale, seed
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.render(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.render(trainer, pl_module)
+
+    @rank_zero_only
+    def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        dataset = trainer.datamodule.dataset
+        pipe = MoAPipeline.from_moa_model(pl_module.model)
+        pipe.set_progress_bar_config(disable=True)
+        spec = pl_module.model.subject_image_spec
+        rows, labels = [], []
+        for index in range(min(self.num_samples, len(dataset))):
+            sample = dataset[index]
+            prepared = {k: sample[k][None] for k in ("subject_pixel_values", "subject_token_index", "subject_valid")}
+            caption = dataset.caption(int(sample["index"]))
+            outputs = {}
+            for mode, subjects in (("prior", None), ("moa", prepared)):
+                generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + index)
+                outputs[mode] = pipe(caption, prepared_subjects=subjects, num_inference_steps=self.num_inference_steps,
+                                     guidance_scale=self.guidance_scale, generator=[generator],
+                                     record_router_maps=mode == "moa" and index == 0)
+            references = [_denormalize(p, spec.mean, spec.std) for p, v in
+                          zip(sample["subject_pixel_values"], sample["subject_valid"]) if v]
+            rows.append([outputs["prior"].images[0], outputs["moa"].images[0], *references])
+            labels.append(caption[:14])
+            if index == 0:
+                latent = (pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+                router = router_map_figure(outputs["moa"].router_maps, latent_size=latent,
+                                           title=f"prior weight R0, step {step}: {caption}")
+        grid = image_grid(rows, labels)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        grid.save(self.out_dir / f"samples_step{step:07d}.png")
+        router.save(self.out_dir / f"router_maps_step{step:07d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples/prior_vs_moa", [grid], step=step,
+                                 caption=["columns: prior-only | MoA | subject(s)"])
+                logger.log_image("samples/router_maps", [router], step=step)
+        log.info("wrote samples and router maps for step %d to %s", step, self.out_dir)

@@ -1,0 +1,94 @@
+"""Lightning DataModule for FFHQ-wild, with a sampler that resumes at the exact sample."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+from transformers import CLIPTokenizer
+
+from moa.data.ffhq import FFHQWildDataset
+from moa.model import SubjectImageSpec, check_pretrained_path
+
+log = logging.getLogger(__name__)
+
+
+class ResumableStreamSampler(Sampler[int]):
+    """An endless stream of dataset indices: epoch ``e`` is a permutation seeded by ``(seed, e)``,
+    split across DDP ranks. ``start`` skips that many of this rank's samples without drawing them,
+    so a resumed run sees exactly the samples an uninterrupted run would have seen next.
+
+    Training is counted in steps (the paper trains 40k iterations), so an endless stream fits, and it
+    lets the position be derived from the restored global step alone: no state has to be guessed
+    around Lightning's batch prefetching.
+    """
+
+    def __init__(self, num_samples: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        self.num_samples, self.seed, self.rank, self.world_size, self.start = num_samples, seed, rank, world_size, start
+        self.per_rank = num_samples // world_size
+        if self.per_rank == 0:
+            raise ValueError(f"{num_samples} samples cannot be split across {world_size} ranks")
+
+    def _epoch(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_samples, generator=generator)[: self.per_rank * self.world_size]
+        return order[self.rank:: self.world_size].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            yield from self._epoch(epoch)[offset:]
+            epoch, offset = epoch + 1, 0
+
+
+class FFHQWildDataModule(pl.LightningDataModule):
+    """FFHQ-wild training data; the tokenizer and image-encoder settings come from the model's folders.
+
+    Args:
+        root: FFHQ-wild folder.
+        base_model: the Stable Diffusion folder whose ``tokenizer/`` tokenizes captions.
+        image_encoder: the CLIP vision folder whose ``preprocessor_config.json`` sets subject crops.
+        resolution: training image size in pixels (SD1.5: 512).
+        batch_size: per device.
+        num_workers: loader worker processes.
+        seed: data order seed.
+    """
+
+    def __init__(self, *, root: str, base_model: str, image_encoder: str, resolution: int = 512, batch_size: int = 32,
+                 num_workers: int = 2, seed: int = 0, split: str = "train", max_subjects: int = 4,
+                 max_corrupt_fraction: float = 0.05):
+        super().__init__()
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"data.root={root!r}: no such folder (expected FastComposer's FFHQ-wild layout)")
+        check_pretrained_path(base_model, option="data.base_model", expect="a diffusers Stable Diffusion folder")
+        self.root, self.base_model, self.image_encoder = root, base_model, image_encoder
+        self.resolution, self.batch_size, self.num_workers, self.seed = resolution, batch_size, num_workers, seed
+        self.split, self.max_subjects, self.max_corrupt_fraction = split, max_subjects, max_corrupt_fraction
+        self.dataset: FFHQWildDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = FFHQWildDataset(
+                self.root, split=self.split, resolution=self.resolution, max_subjects=self.max_subjects,
+                tokenizer=CLIPTokenizer.from_pretrained(self.base_model, subfolder="tokenizer"),
+                subject_image_spec=SubjectImageSpec.from_pretrained(self.image_encoder),
+                max_corrupt_fraction=self.max_corrupt_fraction,
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        rank, world, start = 0, 1, 0
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+            # On resume the global step is already restored when Lightning asks for the loader.
+            start = self.trainer.global_step * self.trainer.accumulate_grad_batches * self.batch_size
+        if start:
+            log.info("resuming the data stream at sample %d of rank %d", start, rank)
+        sampler = ResumableStreamSampler(len(self.dataset), seed=self.seed, rank=rank, world_size=world, start=start)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+                          drop_last=True)

@@ -1,0 +1,231 @@
+"""FastComposer's FFHQ-wild layout (images, BLIP-2 captions, Mask2Former segment maps) as a Dataset.
+
+    root/image_ids.txt, image_ids_train.txt, image_ids_test.txt
+    root/<id[:5]>/<id>.jpg   image
+    root/<id[:5]>/<id>.npy   (H, W) integer segment map, values = segment ids
+    root/<id[:5]>/<id>.json  {"caption": str, "segments": [{"id", "bbox", "end", "coco_label"}, ...]}
+
+``bbox`` is ``[x1, y1, x2, y2]`` in pixels (columns, rows), whatever FastComposer's comment says
+(its code crops ``image[:, w1:w2, h1:h2]`` from a (C, H, W) tensor). ``end`` is the character index
+just past the segment's noun phrase in the caption. Subjects are the ``person`` segments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from moa.model import SubjectImageSpec
+from moa.subjects import MAX_SUBJECTS, SubjectBindingError, token_positions
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILES = {"all": "image_ids.txt", "train": "image_ids_train.txt", "test": "image_ids_test.txt"}
+
+
+class CorruptSampleError(ValueError):
+    """One sample cannot be used (its id and the reason are in the message)."""
+
+
+class CorruptDataError(RuntimeError):
+    """Too many samples were corrupt: the data set itself is probably broken."""
+
+
+@dataclass
+class RawSample:
+    image: Image.Image
+    segments: np.ndarray  # (H, W) int
+    caption: str
+    subjects: list[dict]  # person segments sorted by their position in the caption
+
+
+def read_split(root: str | Path, split: str) -> list[str]:
+    root = Path(root)
+    if split not in SPLIT_FILES:
+        raise ValueError(f"data.split={split!r}: expected one of {sorted(SPLIT_FILES)}")
+    path = root / SPLIT_FILES[split]
+    if not path.exists():
+        raise FileNotFoundError(f"data.root={str(root)!r}: {path.name} not found (is this an FFHQ-wild folder?)")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"{path}: lists no image ids")
+    return ids
+
+
+def read_raw_sample(root: Path, image_id: str) -> RawSample:
+    """Read and check one sample; raise ``CorruptSampleError`` naming the id and the problem."""
+    stem = root / image_id[:5] / image_id
+    try:
+        annotation = json.loads(stem.with_suffix(".json").read_text())
+        caption, segments_meta = annotation["caption"], annotation["segments"]
+    except (OSError, ValueError, KeyError) as error:
+        raise CorruptSampleError(f"{image_id}: unreadable annotation {stem}.json ({error})") from error
+    try:
+        with Image.open(stem.with_suffix(".jpg")) as image:
+            image.load()  # forces a full decode, so truncated files fail here
+            image = image.convert("RGB")
+    except OSError as error:
+        raise CorruptSampleError(f"{image_id}: unreadable image {stem}.jpg ({error})") from error
+    try:
+        segments = np.load(stem.with_suffix(".npy"), allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise CorruptSampleError(f"{image_id}: unreadable segment map {stem}.npy ({error})") from error
+    if segments.shape != (image.height, image.width):
+        raise CorruptSampleError(f"{image_id}: segment map {segments.shape} != image {(image.height, image.width)}")
+    present = set(np.unique(segments).tolist())
+    subjects = []
+    for segment in segments_meta:
+        if segment.get("coco_label") != "person":
+            continue
+        if segment["id"] not in present:
+            raise CorruptSampleError(f"{image_id}: segment id {segment['id']} is absent from the segment map")
+        if not 0 < int(segment["end"]) <= len(caption):
+            raise CorruptSampleError(f"{image_id}: segment {segment['id']} end={segment['end']} is outside the "
+                                     f"caption ({len(caption)} characters)")
+        subjects.append(segment)
+    if not subjects:
+        raise CorruptSampleError(f"{image_id}: no person segment")
+    subjects.sort(key=lambda s: int(s["end"]))
+    return RawSample(image=image, segments=segments, caption=caption, subjects=subjects)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def _resize_center_crop(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """(C, H, W) -> (C, size, size): shorter side to ``size``, then centre crop."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    kwargs = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
+    x = F.interpolate(x[None], size=(new_h, new_w), mode=mode, **kwargs)[0]
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return x[:, top: top + size, left: left + size]
+
+
+def subject_crop(image: torch.Tensor, mask: torch.Tensor, bbox: list[int], spec: SubjectImageSpec) -> torch.Tensor:
+    """The image encoder's input for one subject: its box, background set to the encoder's mean
+    colour (FastComposer masks the background out so identity comes from the subject alone), padded
+    to a square and resized. image (3, H, W) in [0, 1], mask (H, W) -> (3, size, size) normalised."""
+    height, width = mask.shape
+    x1, y1, x2, y2 = (int(v) for v in bbox)
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, max(x2, x1 + 1)), min(height, max(y2, y1 + 1))
+    mean = torch.tensor(spec.mean)[:, None, None]
+    crop = torch.where(mask[None, y1:y2, x1:x2] > 0, image[:, y1:y2, x1:x2], mean)
+    side = max(crop.shape[-2:])
+    square = mean.expand(3, side, side).clone()
+    top, left = (side - crop.shape[1]) // 2, (side - crop.shape[2]) // 2
+    square[:, top: top + crop.shape[1], left: left + crop.shape[2]] = crop
+    square = F.interpolate(square[None], size=(spec.size, spec.size), mode="bicubic", antialias=True,
+                           align_corners=False)[0].clamp(0, 1)
+    return (square - mean) / torch.tensor(spec.std)[:, None, None]
+
+
+class FFHQWildDataset(Dataset):
+    """Training samples from an FFHQ-wild folder.
+
+    Each item::
+
+        pixel_values          (3, R, R) float in [-1, 1]
+        input_ids             (T,) long, caption tokens padded to the tokenizer's max length
+        subject_pixel_values  (S, 3, r, r) image-encoder inputs (zeros where padded)
+        subject_token_index   (S,) long, position of each subject's word (0 where padded)
+        subject_valid         (S,) bool
+        subject_masks         (S, R, R) float {0, 1}
+        index                 () long, dataset index of the sample actually returned
+
+    with ``S = max_subjects``. A corrupt sample is skipped (the next index is used), counted and logged
+    with its id; more than ``max_corrupt_fraction`` of the samples tried raises ``CorruptDataError``.
+    """
+
+    def __init__(self, root: str | Path, *, tokenizer: PreTrainedTokenizerBase, subject_image_spec: SubjectImageSpec,
+                 resolution: int, split: str = "train", max_subjects: int = MAX_SUBJECTS,
+                 max_corrupt_fraction: float = 0.05):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.root={str(root)!r}: no such folder")
+        if not 1 <= max_subjects <= MAX_SUBJECTS:
+            raise ValueError(f"data.max_subjects={max_subjects}: expected 1..{MAX_SUBJECTS}")
+        self.ids = read_split(self.root, split)
+        self.tokenizer = tokenizer
+        self.spec = subject_image_spec
+        self.resolution = resolution
+        self.max_subjects = max_subjects
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.tried = 0
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        for offset in range(len(self.ids)):
+            candidate = (index + offset) % len(self.ids)
+            self.tried += 1
+            try:
+                return self._load(candidate)
+            except (CorruptSampleError, SubjectBindingError) as error:
+                self._skip(self.ids[candidate], str(error))
+        raise CorruptDataError(f"data.root={str(self.root)!r}: no usable sample at all")
+
+    def _skip(self, image_id: str, reason: str) -> None:
+        self.skipped.append(image_id)
+        log.warning("skipping sample %s (%d skipped of %d tried): %s", image_id, len(self.skipped), self.tried, reason)
+        if self.tried >= 20 and len(self.skipped) / self.tried > self.max_corrupt_fraction:
+            raise CorruptDataError(
+                f"{len(self.skipped)} of {self.tried} samples tried in {self.root} were corrupt, above "
+                f"data.max_corrupt_fraction={self.max_corrupt_fraction}; first ids: {self.skipped[:5]}"
+            )
+
+    def caption(self, index: int) -> str:
+        image_id = self.ids[index]
+        return json.loads((self.root / image_id[:5] / f"{image_id}.json").read_text())["caption"]
+
+    def tokenize(self, caption: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        encoded = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
+                                 truncation=True, return_offsets_mapping=True)
+        return torch.tensor(encoded["input_ids"]), encoded["offset_mapping"]
+
+    def _load(self, index: int) -> dict[str, torch.Tensor]:
+        image_id = self.ids[index]
+        raw = read_raw_sample(self.root, image_id)
+        input_ids, offsets = self.tokenize(raw.caption)
+        positions = token_positions(offsets, [int(s["end"]) for s in raw.subjects], raw.caption)
+        # A subject whose word was cut off by the tokenizer's length cannot be bound: drop it, never
+        # bind it to whatever token sits at a stale position.
+        kept = [(s, p) for s, p in zip(raw.subjects, positions) if p is not None][: self.max_subjects]
+        if not kept:
+            raise CorruptSampleError(f"{image_id}: every subject word lies beyond the tokenizer's length")
+
+        image = _to_tensor(raw.image)
+        segments = torch.from_numpy(raw.segments.astype(np.int64))
+        size, n = self.resolution, self.max_subjects
+        subject_pixels = torch.zeros(n, 3, self.spec.size, self.spec.size)
+        subject_masks = torch.zeros(n, size, size)
+        token_index = torch.zeros(n, dtype=torch.long)
+        valid = torch.zeros(n, dtype=torch.bool)
+        for slot, (segment, position) in enumerate(kept):
+            mask = (segments == int(segment["id"])).float()
+            subject_pixels[slot] = subject_crop(image, mask, segment["bbox"], self.spec)
+            subject_masks[slot] = _resize_center_crop(mask[None], size, "nearest")[0]
+            token_index[slot] = position
+            valid[slot] = True
+        return {
+            "pixel_values": _resize_center_crop(image, size, "bilinear").clamp(0, 1) * 2.0 - 1.0,
+            "input_ids": input_ids,
+            "subject_pixel_values": subject_pixels,
+            "subject_token_index": token_index,
+            "subject_valid": valid,
+            "subject_masks": subject_masks,
+            "index": torch.tensor(index),
+        }

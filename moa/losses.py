@@ -1,0 +1,84 @@
+"""MoA's training losses (paper eq. 9-12): ``L_masked + lambda_r * L_router + lambda_o * L_object``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pixel_map_to_grid(pixel_map: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Reshape a flattened map (batch, pixels[, channels]) of a U-Net layer to (batch, channels, h, w).
+
+    ``(height, width)`` is any reference size with the image's aspect ratio (latent or pixels): the
+    layer's grid is the one with that aspect ratio and ``pixels`` cells.
+    """
+    if pixel_map.ndim == 2:
+        pixel_map = pixel_map[..., None]
+    batch, pixels, channels = pixel_map.shape
+    h = round(math.sqrt(pixels * height / width))
+    w = pixels // max(h, 1)
+    if h * w != pixels:
+        raise ValueError(f"a map of {pixels} pixels has no grid with the aspect ratio of {height}x{width}")
+    return pixel_map.transpose(1, 2).reshape(batch, channels, h, w)
+
+
+class MaskedDenoisingLoss(nn.Module):
+    """``|| M * (eps - eps_hat) ||^2`` normalised by the mask's area (foreground-only reconstruction).
+
+    prediction, target (batch, channels, h, w); mask (batch, 1, h, w) in [0, 1].
+    """
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        squared = (prediction.float() - target.float()).pow(2) * mask
+        return squared.sum() / (mask.sum() * prediction.shape[1]).clamp(min=1.0)
+
+
+class RouterLoss(nn.Module):
+    """``|| (1 - M) * (1 - R0_bar) ||^2``: background pixels should use the prior expert.
+
+    ``R0_bar`` is the mean over the loss layers of each layer's prior weight, resized (bilinear) to the
+    latent resolution. The foreground is left free. Mean over all latent pixels.
+    """
+
+    def forward(self, router_maps: dict[str, torch.Tensor], foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """router_maps: name -> (batch, pixels) prior weight; foreground (batch, 1, h, w).
+        Returns the loss and ``R0_bar`` (batch, 1, h, w)."""
+        height, width = foreground.shape[-2:]
+        prior_weight = torch.stack([
+            F.interpolate(pixel_map_to_grid(m.float(), height, width), size=(height, width), mode="bilinear",
+                          align_corners=False)
+            for m in router_maps.values()
+        ]).mean(dim=0)
+        loss = ((1.0 - foreground) * (1.0 - prior_weight)).pow(2).mean()
+        return loss, prior_weight
+
+
+class ObjectLocalizationLoss(nn.Module):
+    """FastComposer's balanced L1 localisation loss on the personalized experts' cross-attention.
+
+    For each subject ``s`` and layer: ``mean_background(A_s) - mean_foreground(A_s)`` with ``A_s`` the
+    attention probability (softmax over tokens, mean over heads) at the subject's token; averaged over
+    valid subjects, then over layers.
+    """
+
+    def forward(self, subject_attention: dict[str, torch.Tensor], subject_masks: torch.Tensor,
+                subject_valid: torch.Tensor) -> torch.Tensor:
+        """subject_attention: name -> (batch, pixels, subjects); subject_masks (batch, subjects, H, W);
+        subject_valid (batch, subjects) bool."""
+        valid = subject_valid.float()
+        height, width = subject_masks.shape[-2:]
+        losses = []
+        for attention in subject_attention.values():
+            grid = pixel_map_to_grid(attention.float(), height, width)
+            masks = F.interpolate(subject_masks.float(), size=grid.shape[-2:], mode="bilinear", antialias=True,
+                                  align_corners=False).flatten(2)  # (b, subjects, pixels)
+            probs = grid.flatten(2)
+            background = 1.0 - masks
+            background_mean = (probs * background).sum(-1) / (background.sum(-1) + 1e-5)
+            foreground_mean = (probs * masks).sum(-1) / (masks.sum(-1) + 1e-5)
+            per_subject = (background_mean - foreground_mean) * valid
+            losses.append(per_subject.sum() / valid.sum().clamp(min=1.0))
+        return torch.stack(losses).mean()

@@ -1,0 +1,181 @@
+"""The MoA model: a frozen Stable Diffusion prior and CLIP image encoder plus MoA's trainable parts.
+
+Shared by training (``moa.training``) and generation (``moa.pipeline``): loading, freezing, turning
+prompts and subject images into ``MoAInputs``, and saving/loading the trainable weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from moa.inputs import MoAInputs
+from moa.prompt import MultimodalPromptEncoder, personalize_text
+from moa.unet import MoAConfig, install_moa, load_moa_state_dict, moa_state_dict
+
+log = logging.getLogger(__name__)
+
+EXPORT_WEIGHTS = "moa.safetensors"
+EXPORT_CONFIG = "moa_config.json"
+
+
+@dataclass(frozen=True)
+class SubjectImageSpec:
+    """How the image encoder wants its input (read from its ``preprocessor_config.json``)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> SubjectImageSpec:
+        processor = CLIPImageProcessor.from_pretrained(path)
+        return cls(size=int(processor.crop_size["height"]), mean=tuple(processor.image_mean), std=tuple(processor.image_std))
+
+
+def check_pretrained_path(path: str | os.PathLike, *, option: str, expect: str) -> None:
+    """Fail fast, naming the config option, when a model path does not exist.
+
+    A bare hub id (``org/name``) that is not a local folder is left to ``from_pretrained``.
+    """
+    text = str(path)
+    if Path(text).expanduser().exists():
+        return
+    parts = text.split("/")
+    is_hub_id = len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not text.endswith(".safetensors")
+    if not is_hub_id:
+        raise FileNotFoundError(f"{option}={text!r}: no such path (expected {expect})")
+
+
+class MoAModel(nn.Module):
+    """Frozen prior (VAE, text encoder, U-Net host layers, image encoder) + trainable MoA parts
+    (personalized experts and routers inside the U-Net, and the multimodal prompt encoder)."""
+
+    def __init__(self, *, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, image_encoder: CLIPVisionModelWithProjection, noise_scheduler: DDPMScheduler,
+                 subject_image_spec: SubjectImageSpec, moa_config: MoAConfig | Mapping = MoAConfig(),
+                 spacetime: bool = True):
+        super().__init__()
+        moa_config = moa_config if isinstance(moa_config, MoAConfig) else MoAConfig(**moa_config)
+        self.moa_config = moa_config
+        self.spacetime = spacetime
+        self.tokenizer = tokenizer
+        self.noise_scheduler = noise_scheduler
+        self.subject_image_spec = subject_image_spec
+        self.vae, self.text_encoder, self.image_encoder = vae, text_encoder, image_encoder
+        for frozen in (vae, text_encoder, image_encoder):
+            frozen.requires_grad_(False).eval()
+        self.unet = unet
+        install_moa(unet, moa_config)
+        self.prompt_encoder = MultimodalPromptEncoder(
+            image_dim=image_encoder.config.projection_dim, text_dim=text_encoder.config.hidden_size,
+            num_blocks=moa_config.num_transformer_blocks, spacetime=spacetime,
+        )
+        if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
+            raise ValueError(
+                f"text encoder width {text_encoder.config.hidden_size} != U-Net cross_attention_dim "
+                f"{unet.config.cross_attention_dim}: base model components do not belong together"
+            )
+
+    @classmethod
+    def from_pretrained(cls, base_model: str | os.PathLike, image_encoder: str | os.PathLike, *,
+                        moa_config: MoAConfig | Mapping | None = None, spacetime: bool = True,
+                        moa_weights: str | os.PathLike | None = None) -> MoAModel:
+        """Load a diffusers-format SD1.5-family folder (or hub id) and a CLIP vision model.
+
+        ``moa_weights``: a folder written by ``export_moa`` (weights + config), loaded on top.
+        """
+        check_pretrained_path(base_model, option="model.base_model", expect="a diffusers Stable Diffusion folder")
+        check_pretrained_path(image_encoder, option="model.image_encoder", expect="a CLIP vision model folder")
+        if moa_weights is not None:
+            check_pretrained_path(moa_weights, option="moa_weights", expect=f"a folder with {EXPORT_WEIGHTS}")
+            saved = json.loads((Path(moa_weights) / EXPORT_CONFIG).read_text())
+            moa_config, spacetime = saved["moa_config"], saved["spacetime"]
+        model = cls(
+            unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet"),
+            vae=AutoencoderKL.from_pretrained(base_model, subfolder="vae"),
+            text_encoder=CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer"),
+            noise_scheduler=DDPMScheduler.from_pretrained(base_model, subfolder="scheduler"),
+            image_encoder=CLIPVisionModelWithProjection.from_pretrained(image_encoder),
+            subject_image_spec=SubjectImageSpec.from_pretrained(image_encoder),
+            moa_config=moa_config or MoAConfig(), spacetime=spacetime,
+        )
+        if moa_weights is not None:
+            model.load_trainable_state_dict(load_file(Path(moa_weights) / EXPORT_WEIGHTS))
+        return model
+
+    # ---- trainable state -------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """MoA weights only: ``unet.<layer>.<param>`` and ``prompt_encoder.<param>``."""
+        state = {f"unet.{k}": v for k, v in moa_state_dict(self.unet).items()}
+        state.update({f"prompt_encoder.{k}": v for k, v in self.prompt_encoder.state_dict().items()})
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_moa_state_dict(self.unet, {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
+        self.prompt_encoder.load_state_dict(
+            {k[len("prompt_encoder."):]: v for k, v in state.items() if k.startswith("prompt_encoder.")}
+        )
+
+    def export_moa(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``moa.safetensors`` and ``moa_config.json`` (what is needed to rebuild the layers)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.trainable_state_dict().items()}
+        tmp = out_dir / f".{EXPORT_WEIGHTS}.tmp"
+        save_file(tensors, tmp)
+        os.replace(tmp, out_dir / EXPORT_WEIGHTS)
+        config = {"moa_config": self.moa_config.to_dict(), "spacetime": self.spacetime,
+                  "text_dim": self.text_encoder.config.hidden_size,
+                  "image_dim": self.image_encoder.config.projection_dim}
+        (out_dir / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        return out_dir
+
+    # ---- conditioning ----------------------------------------------------------------------------
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens) -> (batch, tokens, text_dim), the frozen text encoder's last hidden state."""
+        return self.text_encoder(input_ids)[0]
+
+    def encode_subjects(self, subject_pixels: torch.Tensor) -> torch.Tensor:
+        """(batch, subjects, 3, size, size), normalised for the image encoder -> (batch, subjects, image_dim)."""
+        batch, subjects = subject_pixels.shape[:2]
+        features = self.image_encoder(pixel_values=subject_pixels.flatten(0, 1).to(self.image_encoder.dtype)).image_embeds
+        return features.view(batch, subjects, -1)
+
+    def moa_inputs(self, text_embeddings: torch.Tensor, *, timesteps: torch.Tensor,
+                   subject_features: torch.Tensor | None = None, subject_token_index: torch.Tensor | None = None,
+                   subject_valid: torch.Tensor | None = None, record_router_layers: frozenset[str] = frozenset(),
+                   record_attention_layers: frozenset[str] = frozenset()) -> MoAInputs:
+        """Build the per-forward MoA inputs.
+
+        text_embeddings (batch, tokens, text_dim); timesteps (batch,); subject_features
+        (batch, subjects, image_dim), subject_token_index / subject_valid (batch, subjects). Without
+        subjects the personalized expert sees the plain text.
+        """
+        if subject_features is None or subject_features.shape[1] == 0:
+            return MoAInputs(personalized_condition=text_embeddings[:, None],
+                             record_router_layers=record_router_layers)
+        words = torch.gather(
+            text_embeddings, 1, subject_token_index[..., None].expand(-1, -1, text_embeddings.shape[-1])
+        )
+        subject_tokens = self.prompt_encoder(subject_features.to(words.dtype), words, timesteps)
+        condition = personalize_text(text_embeddings, subject_tokens.to(text_embeddings.dtype),
+                                     subject_token_index, subject_valid)
+        return MoAInputs(personalized_condition=condition, subject_token_index=subject_token_index,
+                         record_router_layers=record_router_layers, record_attention_layers=record_attention_layers)

@@ -1,0 +1,27 @@
+"""OmegaConf resolvers used by the configs (registered once, on import)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+
+def wandb_offline() -> bool:
+    """wandb runs offline unless credentials are configured (``WANDB_API_KEY`` or ``~/.netrc``)."""
+    if os.environ.get("WANDB_MODE") == "online" or os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path.home() / ".netrc"
+    return not (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+
+
+def precision(gpu_precision: str = "bf16-mixed") -> str:
+    """``gpu_precision`` where CUDA is available, full fp32 on CPUs (bf16 autocast there is slow)."""
+    return gpu_precision if torch.cuda.is_available() else "32-true"
+
+
+for _name, _fn in {"moa_wandb_offline": wandb_offline, "moa_precision": precision}.items():
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
