@@ -1,9 +1,17 @@
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
+from moa.data.synthetic import write_synthetic_ffhq
 from moa.tiny import build_tiny_components
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @pytest.fixture(scope="session")
@@ -12,7 +20,39 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_components(tmp_path_factory.mktemp("tiny") / "components")
 
 
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small generated data set in the FFHQ-wild on-disk format."""
+    return write_synthetic_ffhq(tmp_path_factory.mktemp("data") / "ffhq", num_samples=24, size=96, seed=3)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     logging.getLogger("moa").setLevel(logging.INFO)
+
+
+def compose_train(tmp_path, tiny_dir, synthetic_root, overrides=(), config_name="train"):
+    """Compose a config as `python train.py` would, pointed at the session's tiny assets."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, return_hydra_config=True, overrides=[
+            f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "logger=csv",
+            f"base_model={tiny_dir}/stable-diffusion", f"image_encoder={tiny_dir}/image-encoder",
+            f"data.root={synthetic_root}", "data.num_workers=0", "data.resolution=64", "data.batch_size=2",
+            "trainer=cpu", "embedded=null", *overrides,
+        ])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path)
+            cfg.paths.root_dir = str(tmp_path)
+            cfg.hydra.runtime.output_dir = str(tmp_path)
+            cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def compose_cfg(tmp_path, tiny_dir, synthetic_root):
+    def _compose(*overrides, config_name="train", out=None):
+        return compose_train(out or tmp_path, tiny_dir, synthetic_root, overrides, config_name)
+    return _compose

@@ -1,0 +1,123 @@
+"""The FFHQ-wild reader on generated data, including every kind of corrupt sample."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from moa.data.datamodule import ResumableStreamSampler
+from moa.data.ffhq import CorruptDataError, FFHQWildDataset, read_split
+from moa.model import SubjectImageSpec
+
+
+@pytest.fixture
+def make_dataset(tiny_dir):
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "stable-diffusion", subfolder="tokenizer")
+    spec = SubjectImageSpec.from_pretrained(tiny_dir / "image-encoder")
+
+    def _make(root, **kwargs):
+        return FFHQWildDataset(root, tokenizer=tokenizer, subject_image_spec=spec, resolution=64, split="all", **kwargs)
+    return _make
+
+
+def test_sample_contents_match_the_files(make_dataset, synthetic_root):
+    dataset = make_dataset(synthetic_root)
+    sample = dataset[0]
+    image_id = dataset.ids[0]
+    annotation = json.loads((synthetic_root / image_id[:5] / f"{image_id}.json").read_text())
+    people = sorted([s for s in annotation["segments"] if s["coco_label"] == "person"], key=lambda s: s["end"])
+    assert sample["pixel_values"].shape == (3, 64, 64)
+    assert -1.0 <= sample["pixel_values"].min() and sample["pixel_values"].max() <= 1.0
+    assert sample["subject_valid"].sum().item() == len(people)
+    tokens = dataset.tokenizer.convert_ids_to_tokens(sample["input_ids"].tolist())
+    for slot, person in enumerate(people):
+        assert tokens[sample["subject_token_index"][slot]] == person["word"] + "</w>"
+        mask = sample["subject_masks"][slot]
+        assert set(mask.unique().tolist()) <= {0.0, 1.0} and mask.sum() > 0
+    assert sample["subject_pixel_values"].shape[1:] == (3, 32, 32)
+    assert torch.all(sample["subject_pixel_values"][~sample["subject_valid"]] == 0)
+
+
+def _corrupt(root, image_id, kind):
+    stem = root / image_id[:5] / image_id
+    if kind == "truncated_jpeg":
+        data = stem.with_suffix(".jpg").read_bytes()
+        stem.with_suffix(".jpg").write_bytes(data[: len(data) // 3])
+    elif kind == "missing_npy":
+        stem.with_suffix(".npy").unlink()
+    elif kind in ("absent_segment", "end_out_of_range"):
+        annotation = json.loads(stem.with_suffix(".json").read_text())
+        person = next(s for s in annotation["segments"] if s["coco_label"] == "person")
+        if kind == "absent_segment":
+            person["id"] = 999
+        else:
+            person["end"] = len(annotation["caption"]) + 5
+        stem.with_suffix(".json").write_text(json.dumps(annotation))
+
+
+@pytest.mark.parametrize("kind", ["truncated_jpeg", "missing_npy", "absent_segment", "end_out_of_range"])
+def test_corrupt_sample_is_skipped_counted_and_named(make_dataset, synthetic_root, tmp_path, kind, caplog):
+    root = tmp_path / "ffhq"
+    shutil.copytree(synthetic_root, root)
+    bad_id = read_split(root, "all")[2]
+    _corrupt(root, bad_id, kind)
+    dataset = make_dataset(root)
+    sample = dataset[2]
+    assert sample["index"].item() == 3  # the next usable sample
+    assert dataset.skipped == [bad_id]
+    assert bad_id in caplog.text
+
+
+def test_too_many_corrupt_samples_stop_the_run(make_dataset, synthetic_root, tmp_path):
+    root = tmp_path / "ffhq"
+    shutil.copytree(synthetic_root, root)
+    for image_id in read_split(root, "all")[::2]:
+        _corrupt(root, image_id, "missing_npy")
+    dataset = make_dataset(root, max_corrupt_fraction=0.2)
+    with pytest.raises(CorruptDataError, match="max_corrupt_fraction=0.2"):
+        for index in range(len(dataset)):
+            dataset[index]
+
+
+def test_caption_longer_than_the_tokenizer_drops_only_the_cut_subject(make_dataset, synthetic_root, tmp_path):
+    root = tmp_path / "ffhq"
+    shutil.copytree(synthetic_root, root)
+    image_id = read_split(root, "all")[0]
+    path = root / image_id[:5] / f"{image_id}.json"
+    annotation = json.loads(path.read_text())
+    filler = "and a red cup " * 40
+    annotation["caption"] += " " + filler + "and a man"
+    seg = np.load(path.with_suffix(".npy"))
+    late = {"id": 10, "bbox": annotation["segments"][0]["bbox"], "end": len(annotation["caption"]),
+            "coco_label": "person", "word": "man"}
+    assert 10 in np.unique(seg)
+    annotation["segments"] = [s for s in annotation["segments"] if s["id"] != 11] + [late]
+    path.write_text(json.dumps(annotation))
+    sample = make_dataset(root)[0]
+    # the first subject (early in the caption) stays bound; the one beyond 77 tokens is dropped
+    assert sample["subject_valid"].sum().item() == 1
+    assert sample["subject_token_index"][0].item() < 10
+
+
+def test_missing_root_and_split_file_are_named(make_dataset, tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.root"):
+        make_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="image_ids.txt"):
+        make_dataset(tmp_path / "empty")
+
+
+def test_stream_sampler_resumes_at_the_exact_sample_and_shards_ranks():
+    full = ResumableStreamSampler(10, seed=1)
+    stream = iter(full)
+    first = [next(stream) for _ in range(27)]
+    resumed = iter(ResumableStreamSampler(10, seed=1, start=13))
+    assert [next(resumed) for _ in range(14)] == first[13:]
+    assert sorted(first[:10]) == list(range(10))  # each epoch is a permutation
+    rank0 = iter(ResumableStreamSampler(10, seed=1, rank=0, world_size=2))
+    rank1 = iter(ResumableStreamSampler(10, seed=1, rank=1, world_size=2))
+    epoch0 = [next(rank0) for _ in range(5)] + [next(rank1) for _ in range(5)]
+    assert sorted(epoch0) == list(range(10))

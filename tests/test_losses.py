@@ -1,0 +1,56 @@
+"""Losses on inputs small enough to compute by hand."""
+
+import pytest
+import torch
+
+from moa.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss, pixel_map_to_grid
+
+
+def test_masked_loss_counts_foreground_only_and_normalises_by_area():
+    prediction = torch.zeros(1, 2, 2, 2)
+    target = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 2.0]]]])
+    mask = torch.tensor([[[[0.0, 0.0], [0.0, 1.0]]]])
+    # foreground pixel (1, 1): squared errors 16 and 4 over 1 pixel x 2 channels
+    assert MaskedDenoisingLoss()(prediction, target, mask).item() == pytest.approx(10.0)
+
+
+def test_router_loss_pushes_background_to_prior_and_leaves_foreground_free():
+    foreground = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    # one layer at latent resolution: R0 = 0.25 on the foreground pixel, 0.5 elsewhere
+    r0 = torch.tensor([[0.25, 0.5, 0.5, 0.5]])
+    loss, mean_map = RouterLoss()({"layer": r0}, foreground)
+    assert loss.item() == pytest.approx(3 * 0.5 ** 2 / 4)
+    assert mean_map.shape == (1, 1, 2, 2)
+    # changing the foreground pixel's weight does not change the loss
+    loss_fg_changed, _ = RouterLoss()({"layer": torch.tensor([[0.0, 0.5, 0.5, 0.5]])}, foreground)
+    assert loss_fg_changed.item() == pytest.approx(loss.item())
+    # all background on the prior: zero
+    zero, _ = RouterLoss()({"layer": torch.tensor([[0.0, 1.0, 1.0, 1.0]])}, foreground)
+    assert zero.item() == 0.0
+
+
+def test_router_loss_averages_layers_after_resizing():
+    foreground = torch.zeros(1, 1, 4, 4)
+    low = torch.full((1, 4), 1.0)  # a 2x2 layer all on the prior
+    high = torch.full((1, 16), 0.0)  # a 4x4 layer all on the personalized expert
+    loss, mean_map = RouterLoss()({"low": low, "high": high}, foreground)
+    assert torch.allclose(mean_map, torch.full((1, 1, 4, 4), 0.5))
+    assert loss.item() == pytest.approx(0.25)
+
+
+def test_object_loss_is_background_mean_minus_foreground_mean_over_valid_subjects():
+    masks = torch.zeros(1, 2, 2, 2)
+    masks[0, 0, 0, 0] = 1.0
+    attention = torch.zeros(1, 4, 2)
+    attention[0, :, 0] = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    attention[0, :, 1] = 5.0  # padded subject: must not count
+    loss = ObjectLocalizationLoss()({"l": attention}, masks, torch.tensor([[True, False]]))
+    assert loss.item() == pytest.approx(0.1 - 0.7, abs=1e-4)
+
+
+def test_pixel_map_to_grid_checks_resolution():
+    grid = pixel_map_to_grid(torch.arange(8.0)[None], 4, 8)
+    assert grid.shape == (1, 1, 2, 4)
+    assert grid[0, 0, 1, 0].item() == 4.0
+    with pytest.raises(ValueError, match="aspect ratio"):
+        pixel_map_to_grid(torch.zeros(1, 7), 4, 4)
