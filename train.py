@@ -7,16 +7,23 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from moa.run import instantiate_group, plain_config, resolve_ckpt_path, wandb_run_id
+import moa.resolvers  # noqa: F401  (registers the config resolvers before Hydra resolves anything)
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Build everything from ``cfg``, fit, export the MoA weights; returns (metrics, objects)."""
+    from moa.checks import preflight
+
+    preflight(cfg)
+    # Heavy imports only now, so that a mistyped override or path fails in a second or two.
+    import pytorch_lightning as pl
+
+    from moa.run import instantiate_group, plain_config, resolve_ckpt_path, wandb_run_id
+
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("embedded"):
@@ -25,7 +32,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         ensure_embedded_assets(**cfg.embedded)
 
     # Cheap objects first: a wrong data path fails here, before any model is loaded.
-    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule = hydra.utils.instantiate(cfg.data)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     logger_kwargs = {}
     if cfg.get("logger") and "wandb" in cfg.logger:
@@ -33,10 +40,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = instantiate_group(cfg.get("logger"), **logger_kwargs)
     callbacks = instantiate_group(cfg.get("callbacks"))
 
-    module: pl.LightningModule = hydra.utils.instantiate(cfg.model)
+    module = hydra.utils.instantiate(cfg.model)
     # Set after instantiation: Hydra would instantiate every _target_ inside a config passed as an argument.
     module.hparams["run_config"] = plain_config(cfg)
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.is_global_zero and cfg.get("export_dir"):

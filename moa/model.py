@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+from moa.checks import check_pretrained_path
 from moa.inputs import MoAInputs
 from moa.prompt import MultimodalPromptEncoder, personalize_text
 from moa.unet import MoAConfig, install_moa, load_moa_state_dict, moa_state_dict
@@ -43,18 +44,37 @@ class SubjectImageSpec:
         return cls(size=int(processor.crop_size["height"]), mean=tuple(processor.image_mean), std=tuple(processor.image_std))
 
 
-def check_pretrained_path(path: str | os.PathLike, *, option: str, expect: str) -> None:
-    """Fail fast, naming the config option, when a model path does not exist.
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+DEFAULT_SINGLE_FILE_CONFIG = "runwayml/stable-diffusion-v1-5"
 
-    A bare hub id (``org/name``) that is not a local folder is left to ``from_pretrained``.
-    """
-    text = str(path)
-    if Path(text).expanduser().exists():
-        return
-    parts = text.split("/")
-    is_hub_id = len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not text.endswith(".safetensors")
-    if not is_hub_id:
-        raise FileNotFoundError(f"{option}={text!r}: no such path (expected {expect})")
+
+def is_single_file(base_model: str | os.PathLike) -> bool:
+    return str(base_model).endswith(SINGLE_FILE_SUFFIXES)
+
+
+def tokenizer_source(base_model: str | os.PathLike, base_model_config: str | None = None) -> str:
+    """Where the base model's tokenizer lives (a single-file checkpoint carries none)."""
+    if is_single_file(base_model):
+        return base_model_config or DEFAULT_SINGLE_FILE_CONFIG
+    return str(base_model)
+
+
+def load_base_components(base_model: str | os.PathLike, base_model_config: str | None = None) -> dict:
+    """U-Net, VAE, text encoder, tokenizer and training noise schedule of an SD1.5-family model."""
+    if is_single_file(base_model):
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(base_model), config=base_model_config or DEFAULT_SINGLE_FILE_CONFIG, safety_checker=None,
+            requires_safety_checker=False,
+        )
+        return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
+                "noise_scheduler": DDPMScheduler.from_config(pipe.scheduler.config)}
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(base_model, subfolder="unet"),
+        "vae": AutoencoderKL.from_pretrained(base_model, subfolder="vae"),
+        "text_encoder": CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder"),
+        "tokenizer": CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer"),
+        "noise_scheduler": DDPMScheduler.from_pretrained(base_model, subfolder="scheduler"),
+    }
 
 
 class MoAModel(nn.Module):
@@ -90,27 +110,27 @@ class MoAModel(nn.Module):
     @classmethod
     def from_pretrained(cls, base_model: str | os.PathLike, image_encoder: str | os.PathLike, *,
                         moa_config: MoAConfig | Mapping | None = None, spacetime: bool = True,
-                        moa_weights: str | os.PathLike | None = None) -> MoAModel:
-        """Load a diffusers-format SD1.5-family folder (or hub id) and a CLIP vision model.
+                        moa_weights: str | os.PathLike | None = None,
+                        base_model_config: str | None = None) -> MoAModel:
+        """Load an SD1.5-family base and a CLIP vision model, install MoA, optionally load MoA weights.
 
-        ``moa_weights``: a folder written by ``export_moa`` (weights + config), loaded on top.
+        base_model: a diffusers folder or hub id, or a single ``.safetensors``/``.ckpt`` checkpoint
+            (community models such as AbsoluteReality), read with diffusers' single-file loader.
+        base_model_config: for a single-file base, the diffusers folder or hub id whose component
+            configs and tokenizer it uses (default: ``runwayml/stable-diffusion-v1-5``).
+        moa_weights: a folder written by ``export_moa`` (weights + config), loaded on top.
         """
-        check_pretrained_path(base_model, option="model.base_model", expect="a diffusers Stable Diffusion folder")
-        check_pretrained_path(image_encoder, option="model.image_encoder", expect="a CLIP vision model folder")
+        check_pretrained_path(base_model, option="base_model", expect="a diffusers Stable Diffusion folder or a "
+                                                                      "single-file checkpoint")
+        check_pretrained_path(image_encoder, option="image_encoder", expect="a CLIP vision model folder")
         if moa_weights is not None:
             check_pretrained_path(moa_weights, option="moa_weights", expect=f"a folder with {EXPORT_WEIGHTS}")
             saved = json.loads((Path(moa_weights) / EXPORT_CONFIG).read_text())
             moa_config, spacetime = saved["moa_config"], saved["spacetime"]
-        model = cls(
-            unet=UNet2DConditionModel.from_pretrained(base_model, subfolder="unet"),
-            vae=AutoencoderKL.from_pretrained(base_model, subfolder="vae"),
-            text_encoder=CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder"),
-            tokenizer=CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer"),
-            noise_scheduler=DDPMScheduler.from_pretrained(base_model, subfolder="scheduler"),
-            image_encoder=CLIPVisionModelWithProjection.from_pretrained(image_encoder),
-            subject_image_spec=SubjectImageSpec.from_pretrained(image_encoder),
-            moa_config=moa_config or MoAConfig(), spacetime=spacetime,
-        )
+        model = cls(**load_base_components(base_model, base_model_config),
+                    image_encoder=CLIPVisionModelWithProjection.from_pretrained(image_encoder),
+                    subject_image_spec=SubjectImageSpec.from_pretrained(image_encoder),
+                    moa_config=moa_config or MoAConfig(), spacetime=spacetime)
         if moa_weights is not None:
             model.load_trainable_state_dict(load_file(Path(moa_weights) / EXPORT_WEIGHTS))
         return model

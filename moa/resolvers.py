@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 
@@ -19,6 +18,8 @@ def wandb_offline() -> bool:
 
 def precision(gpu_precision: str = "bf16-mixed") -> str:
     """``gpu_precision`` where CUDA is available, full fp32 on CPUs (bf16 autocast there is slow)."""
+    import torch
+
     return gpu_precision if torch.cuda.is_available() else "32-true"
 
 

@@ -10,7 +10,6 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import moa.resolvers  # noqa: F401  (registers the config resolvers)
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from moa.data.datamodule import ResumableStreamSampler
-from moa.data.ffhq import CorruptDataError, FFHQWildDataset, read_split
+from moa.data.ffhq import CorruptDataError, FFHQWildDataset, FolderStore
 from moa.model import SubjectImageSpec
 
 
@@ -62,7 +62,7 @@ def _corrupt(root, image_id, kind):
 def test_corrupt_sample_is_skipped_counted_and_named(make_dataset, synthetic_root, tmp_path, kind, caplog):
     root = tmp_path / "ffhq"
     shutil.copytree(synthetic_root, root)
-    bad_id = read_split(root, "all")[2]
+    bad_id = FolderStore(root).split("all")[2]
     _corrupt(root, bad_id, kind)
     dataset = make_dataset(root)
     sample = dataset[2]
@@ -74,7 +74,7 @@ def test_corrupt_sample_is_skipped_counted_and_named(make_dataset, synthetic_roo
 def test_too_many_corrupt_samples_stop_the_run(make_dataset, synthetic_root, tmp_path):
     root = tmp_path / "ffhq"
     shutil.copytree(synthetic_root, root)
-    for image_id in read_split(root, "all")[::2]:
+    for image_id in FolderStore(root).split("all")[::2]:
         _corrupt(root, image_id, "missing_npy")
     dataset = make_dataset(root, max_corrupt_fraction=0.2)
     with pytest.raises(CorruptDataError, match="max_corrupt_fraction=0.2"):
@@ -85,7 +85,7 @@ def test_too_many_corrupt_samples_stop_the_run(make_dataset, synthetic_root, tmp
 def test_caption_longer_than_the_tokenizer_drops_only_the_cut_subject(make_dataset, synthetic_root, tmp_path):
     root = tmp_path / "ffhq"
     shutil.copytree(synthetic_root, root)
-    image_id = read_split(root, "all")[0]
+    image_id = FolderStore(root).split("all")[0]
     path = root / image_id[:5] / f"{image_id}.json"
     annotation = json.loads(path.read_text())
     filler = "and a red cup " * 40
@@ -121,3 +121,17 @@ def test_stream_sampler_resumes_at_the_exact_sample_and_shards_ranks():
     rank1 = iter(ResumableStreamSampler(10, seed=1, rank=1, world_size=2))
     epoch0 = [next(rank0) for _ in range(5)] + [next(rank1) for _ in range(5)]
     assert sorted(epoch0) == list(range(10))
+
+
+def test_shards_give_the_same_samples_as_the_folder(make_dataset, synthetic_root, tmp_path):
+    from moa.data.shards import pack_shards
+
+    shards = pack_shards(synthetic_root, tmp_path / "shards", samples_per_shard=7)
+    assert len(list(shards.glob("shard-*.tar"))) == 4
+    folder, packed = make_dataset(synthetic_root), make_dataset(shards, data_format="shards")
+    assert folder.ids == packed.ids
+    for index in (0, 5, 13, 23):
+        a, b = folder[index], packed[index]
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key

@@ -97,7 +97,8 @@ def test_export_reproduces_the_trained_module(compose_cfg, tmp_path, tiny_dir):
 @pytest.mark.parametrize("override, expected", [
     ("experiment=does_not_exist", "experiment"),
     ("data.root=/no/such/folder", "data.root"),
-    ("base_model=/no/such/model", "base_model"),
+    ("base_model=/no/such/model", "base_model="),
+    ("base_model=/no/such/model.safetensors", "base_model="),
 ])
 def test_bad_config_fails_fast_naming_the_option(override, expected, tmp_path, tiny_dir):
     start = time.monotonic()

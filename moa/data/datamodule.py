@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import CLIPTokenizer
 
 from moa.data.ffhq import FFHQWildDataset
-from moa.model import SubjectImageSpec, check_pretrained_path
+from moa.checks import check_pretrained_path
+from moa.model import SubjectImageSpec, tokenizer_source
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +51,27 @@ class FFHQWildDataModule(pl.LightningDataModule):
 
     Args:
         root: FFHQ-wild folder.
-        base_model: the Stable Diffusion folder whose ``tokenizer/`` tokenizes captions.
+        base_model: the Stable Diffusion folder whose ``tokenizer/`` tokenizes captions (for a single-file
+            checkpoint, ``base_model_config``'s tokenizer).
         image_encoder: the CLIP vision folder whose ``preprocessor_config.json`` sets subject crops.
         resolution: training image size in pixels (SD1.5: 512).
         batch_size: per device.
         num_workers: loader worker processes.
         seed: data order seed.
+        data_format: ``"folder"`` (FFHQ-wild as files) or ``"shards"`` (tar shards from ``moa.data.shards``).
     """
 
     def __init__(self, *, root: str, base_model: str, image_encoder: str, resolution: int = 512, batch_size: int = 32,
-                 num_workers: int = 2, seed: int = 0, split: str = "train", max_subjects: int = 4,
-                 max_corrupt_fraction: float = 0.05):
+                 num_workers: int = 2, seed: int = 0, split: str = "train", data_format: str = "folder",
+                 max_subjects: int = 4, max_corrupt_fraction: float = 0.05, base_model_config: str | None = None):
         super().__init__()
         if not Path(root).is_dir():
             raise FileNotFoundError(f"data.root={root!r}: no such folder (expected FastComposer's FFHQ-wild layout)")
-        check_pretrained_path(base_model, option="data.base_model", expect="a diffusers Stable Diffusion folder")
-        self.root, self.base_model, self.image_encoder = root, base_model, image_encoder
+        self.data_format = data_format
+        check_pretrained_path(base_model, option="base_model", expect="a diffusers Stable Diffusion folder or a "
+                                                                      "single-file checkpoint")
+        self.root, self.image_encoder = root, image_encoder
+        self.tokenizer_source = tokenizer_source(base_model, base_model_config)
         self.resolution, self.batch_size, self.num_workers, self.seed = resolution, batch_size, num_workers, seed
         self.split, self.max_subjects, self.max_corrupt_fraction = split, max_subjects, max_corrupt_fraction
         self.dataset: FFHQWildDataset | None = None
@@ -73,8 +79,9 @@ class FFHQWildDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
             self.dataset = FFHQWildDataset(
-                self.root, split=self.split, resolution=self.resolution, max_subjects=self.max_subjects,
-                tokenizer=CLIPTokenizer.from_pretrained(self.base_model, subfolder="tokenizer"),
+                self.root, split=self.split, data_format=self.data_format, resolution=self.resolution,
+                max_subjects=self.max_subjects,
+                tokenizer=CLIPTokenizer.from_pretrained(self.tokenizer_source, subfolder="tokenizer"),
                 subject_image_spec=SubjectImageSpec.from_pretrained(self.image_encoder),
                 max_corrupt_fraction=self.max_corrupt_fraction,
             )

@@ -12,6 +12,7 @@ just past the segment's noun phrase in the caption. Subjects are the ``person`` 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -48,37 +49,54 @@ class RawSample:
     subjects: list[dict]  # person segments sorted by their position in the caption
 
 
-def read_split(root: str | Path, split: str) -> list[str]:
-    root = Path(root)
-    if split not in SPLIT_FILES:
-        raise ValueError(f"data.split={split!r}: expected one of {sorted(SPLIT_FILES)}")
-    path = root / SPLIT_FILES[split]
-    if not path.exists():
-        raise FileNotFoundError(f"data.root={str(root)!r}: {path.name} not found (is this an FFHQ-wild folder?)")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise ValueError(f"{path}: lists no image ids")
-    return ids
+class FolderStore:
+    """Samples as files: ``root/<id[:5]>/<id>.<ext>`` (FastComposer's layout)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.root={str(root)!r}: no such folder (expected FastComposer's FFHQ-wild layout)")
+
+    def split(self, split: str) -> list[str]:
+        if split not in SPLIT_FILES:
+            raise ValueError(f"data.split={split!r}: expected one of {sorted(SPLIT_FILES)}")
+        path = self.root / SPLIT_FILES[split]
+        if not path.exists():
+            raise FileNotFoundError(f"data.root={str(self.root)!r}: {path.name} not found (is this an FFHQ-wild folder?)")
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+    def read(self, image_id: str, extension: str) -> bytes:
+        return (self.root / image_id[:5] / f"{image_id}.{extension}").read_bytes()
 
 
-def read_raw_sample(root: Path, image_id: str) -> RawSample:
+def open_store(root: str | Path, data_format: str):
+    """``"folder"``: the FFHQ-wild folder; ``"shards"``: tar shards written by ``moa.data.shards``."""
+    if data_format == "folder":
+        return FolderStore(root)
+    if data_format == "shards":
+        from moa.data.shards import ShardStore
+
+        return ShardStore(root)
+    raise ValueError(f"data.format={data_format!r}: expected 'folder' or 'shards'")
+
+
+def read_raw_sample(store, image_id: str) -> RawSample:
     """Read and check one sample; raise ``CorruptSampleError`` naming the id and the problem."""
-    stem = root / image_id[:5] / image_id
     try:
-        annotation = json.loads(stem.with_suffix(".json").read_text())
+        annotation = json.loads(store.read(image_id, "json"))
         caption, segments_meta = annotation["caption"], annotation["segments"]
     except (OSError, ValueError, KeyError) as error:
-        raise CorruptSampleError(f"{image_id}: unreadable annotation {stem}.json ({error})") from error
+        raise CorruptSampleError(f"{image_id}: unreadable annotation {image_id}.json ({error})") from error
     try:
-        with Image.open(stem.with_suffix(".jpg")) as image:
+        with Image.open(io.BytesIO(store.read(image_id, "jpg"))) as image:
             image.load()  # forces a full decode, so truncated files fail here
             image = image.convert("RGB")
     except OSError as error:
-        raise CorruptSampleError(f"{image_id}: unreadable image {stem}.jpg ({error})") from error
+        raise CorruptSampleError(f"{image_id}: unreadable image {image_id}.jpg ({error})") from error
     try:
-        segments = np.load(stem.with_suffix(".npy"), allow_pickle=False)
+        segments = np.load(io.BytesIO(store.read(image_id, "npy")), allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise CorruptSampleError(f"{image_id}: unreadable segment map {stem}.npy ({error})") from error
+        raise CorruptSampleError(f"{image_id}: unreadable segment map {image_id}.npy ({error})") from error
     if segments.shape != (image.height, image.width):
         raise CorruptSampleError(f"{image_id}: segment map {segments.shape} != image {(image.height, image.width)}")
     present = set(np.unique(segments).tolist())
@@ -149,14 +167,15 @@ class FFHQWildDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, *, tokenizer: PreTrainedTokenizerBase, subject_image_spec: SubjectImageSpec,
-                 resolution: int, split: str = "train", max_subjects: int = MAX_SUBJECTS,
+                 resolution: int, split: str = "train", data_format: str = "folder", max_subjects: int = MAX_SUBJECTS,
                  max_corrupt_fraction: float = 0.05):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"data.root={str(root)!r}: no such folder")
+        self.store = open_store(root, data_format)
         if not 1 <= max_subjects <= MAX_SUBJECTS:
             raise ValueError(f"data.max_subjects={max_subjects}: expected 1..{MAX_SUBJECTS}")
-        self.ids = read_split(self.root, split)
+        self.ids = self.store.split(split)
+        if not self.ids:
+            raise ValueError(f"data.root={str(root)!r}: split {split!r} lists no image ids")
         self.tokenizer = tokenizer
         self.spec = subject_image_spec
         self.resolution = resolution
@@ -188,8 +207,7 @@ class FFHQWildDataset(Dataset):
             )
 
     def caption(self, index: int) -> str:
-        image_id = self.ids[index]
-        return json.loads((self.root / image_id[:5] / f"{image_id}.json").read_text())["caption"]
+        return json.loads(self.store.read(self.ids[index], "json"))["caption"]
 
     def tokenize(self, caption: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         encoded = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
@@ -198,7 +216,7 @@ class FFHQWildDataset(Dataset):
 
     def _load(self, index: int) -> dict[str, torch.Tensor]:
         image_id = self.ids[index]
-        raw = read_raw_sample(self.root, image_id)
+        raw = read_raw_sample(self.store, image_id)
         input_ids, offsets = self.tokenize(raw.caption)
         positions = token_positions(offsets, [int(s["end"]) for s in raw.subjects], raw.caption)
         # A subject whose word was cut off by the tokenizer's length cannot be bound: drop it, never

@@ -1,0 +1,99 @@
+"""FFHQ-wild packed into tar shards, for clusters whose file systems dislike 200k small files.
+
+Each shard is a plain tar whose members are ``<id>.jpg``, ``<id>.json`` and ``<id>.npy`` (the naming
+webdataset uses, so its tools read the shards too). ``index.json`` beside them lists the splits and
+where each member's bytes start, so ``ShardStore`` reads any sample with one seek: the same
+``FFHQWildDataset`` code, the same samples, in any order, resumable.
+
+    python -m moa.data.shards --root data/ffhq_wild --out data/ffhq_wild_shards --samples-per-shard 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tarfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from moa.data.ffhq import SPLIT_FILES, FolderStore
+
+log = logging.getLogger(__name__)
+
+INDEX = "index.json"
+EXTENSIONS = ("jpg", "json", "npy")
+
+
+def pack_shards(root: str | os.PathLike, out: str | os.PathLike, *, samples_per_shard: int = 2000) -> Path:
+    """Pack an FFHQ-wild folder into tar shards plus ``index.json``. Missing files are left out (the
+    reader then reports the sample as corrupt, exactly as the folder reader would)."""
+    source, out = FolderStore(root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {name: source.split(name) for name, file in SPLIT_FILES.items() if (source.root / file).exists()}
+    ids = splits["all"]
+    members: dict[str, dict[str, list]] = {}
+    for first in tqdm(range(0, len(ids), samples_per_shard), desc="packing shards"):
+        name = f"shard-{first // samples_per_shard:05d}.tar"
+        tmp = out / f".{name}.tmp"
+        with tarfile.open(tmp, "w") as tar:
+            for image_id in ids[first: first + samples_per_shard]:
+                for extension in EXTENSIONS:
+                    path = source.root / image_id[:5] / f"{image_id}.{extension}"
+                    if path.exists():
+                        tar.add(path, arcname=f"{image_id}.{extension}")
+        with tarfile.open(tmp) as tar:
+            for member in tar.getmembers():
+                image_id, extension = member.name.rsplit(".", 1)
+                members.setdefault(image_id, {})[extension] = [name, member.offset_data, member.size]
+        os.replace(tmp, out / name)
+    (out / INDEX).write_text(json.dumps({"splits": splits, "members": members}))
+    log.info("packed %d samples into %s", len(ids), out)
+    return out
+
+
+class ShardStore:
+    """Reads samples from shards written by ``pack_shards`` (one open file per shard and process)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not (self.root / INDEX).exists():
+            raise FileNotFoundError(f"data.root={str(root)!r}: no {INDEX} (expected shards from moa.data.shards)")
+        index = json.loads((self.root / INDEX).read_text())
+        self.splits, self.members = index["splits"], index["members"]
+        self._files: dict[str, object] = {}
+        self._pid = os.getpid()
+
+    def split(self, split: str) -> list[str]:
+        if split not in self.splits:
+            raise ValueError(f"data.split={split!r}: the shards in {self.root} have {sorted(self.splits)}")
+        return self.splits[split]
+
+    def read(self, image_id: str, extension: str) -> bytes:
+        try:
+            shard, offset, size = self.members[image_id][extension]
+        except KeyError:
+            raise FileNotFoundError(f"{image_id}.{extension} is not in the shards of {self.root}") from None
+        if os.getpid() != self._pid:  # a forked loader worker must not share file offsets
+            self._files, self._pid = {}, os.getpid()
+        handle = self._files.get(shard)
+        if handle is None:
+            handle = self._files[shard] = open(self.root / shard, "rb")  # noqa: SIM115 (kept open for reuse)
+        handle.seek(offset)
+        return handle.read(size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True, help="FFHQ-wild folder")
+    parser.add_argument("--out", required=True, help="output folder for shard-*.tar and index.json")
+    parser.add_argument("--samples-per-shard", type=int, default=2000)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    pack_shards(args.root, args.out, samples_per_shard=args.samples_per_shard)
+
+
+if __name__ == "__main__":
+    main()
