@@ -1,8 +1,9 @@
 """``MoAPipeline``: Stable Diffusion generation with subjects injected through MoA.
 
-A ``StableDiffusionPipeline`` subclass, so prompt encoding, latent preparation, VAE decoding, LoRA
-loading and ControlNet-free features are diffusers' own; only the denoising loop differs, because
-MoA's personalized condition depends on the timestep (eq. 8) and has to be rebuilt every step.
+A ``StableDiffusionPipeline`` subclass, so prompt encoding, latent preparation, VAE decoding and LoRA
+loading are diffusers' own; only the denoising loop differs, because MoA's personalized condition
+depends on the timestep (eq. 8) and has to be rebuilt every step. ControlNet residuals are added to
+the U-Net exactly as diffusers' ControlNet pipeline does.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
+from diffusers import ControlNetModel, StableDiffusionPipeline, UniPCMultistepScheduler
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, UnidentifiedImageError
 
 from moa.data.ffhq import subject_crop
@@ -37,11 +39,13 @@ class Subject:
 
 @dataclass
 class MoAPipelineOutput:
-    """images: PIL images (or arrays/tensors per ``output_type``); router_maps: layer name ->
-    (steps, batch, pixels) prior weight of the conditional pass, when asked for."""
+    """images: PIL images (or arrays/tensors per ``output_type``). When asked for, router_maps: layer
+    name -> (steps, batch, pixels) prior weight ``R0``, and attention_maps: cross-attention layer name
+    -> (steps, batch, pixels, subjects), both of the conditional pass."""
 
     images: list
     router_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention_maps: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def load_subject_image(image: str | os.PathLike | Image.Image) -> Image.Image:
@@ -122,21 +126,38 @@ class MoAPipeline(StableDiffusionPipeline):
 
     # ---- generation ------------------------------------------------------------------------------
 
+    def _control_input(self, control_image, batch: int, height: int, width: int, guided: bool) -> torch.Tensor:
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False)
+        image = processor.preprocess(control_image, height=height, width=width).to(self._execution_device, self.unet.dtype)
+        image = image.repeat_interleave(batch // image.shape[0], dim=0) if image.shape[0] != batch else image
+        return torch.cat([image, image]) if guided else image
+
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], subjects: list[Subject] | list[list[Subject]] | None = None, *,
-                 negative_prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", record_router_maps: bool = False,
-                 prepared_subjects: dict[str, torch.Tensor] | None = None) -> MoAPipelineOutput:
+    def __call__(self, prompt: str | list[str] | None = None,
+                 subjects: list[Subject] | list[list[Subject]] | None = None, *,
+                 negative_prompt: str | list[str] | None = None, prompt_embeds: torch.Tensor | None = None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil",
+                 prepared_subjects: dict[str, torch.Tensor] | None = None,
+                 controlnet: ControlNetModel | None = None, control_image=None,
+                 controlnet_conditioning_scale: float = 1.0,
+                 record_router_maps: bool = False, record_attention_maps: bool = False) -> MoAPipelineOutput:
         """Generate one image per prompt.
 
         subjects: for one prompt a list of ``Subject``; for several prompts a list of lists. None or
             empty: prior-only generation (the base model, exactly).
+        prompt_embeds: (batch, tokens, dim) text embeddings to use instead of encoding ``prompt``
+            (``prompt`` is then still used to bind subjects to tokens).
         generator: one per image, so any image of a batch can be regenerated alone.
-        prepared_subjects: already-encoded subject tensors (as from ``prepare_subjects``).
+        prepared_subjects: subject tensors as from ``prepare_subjects`` (``subject_pixel_values``, or
+            ``subject_features`` already encoded, plus ``subject_token_index`` and ``subject_valid``).
+        controlnet, control_image: any diffusers ``ControlNetModel`` and its condition image(s).
+        record_router_maps / record_attention_maps: return every layer's prior weight map, and every
+            cross-attention layer's personalized attention at the subject tokens, for each step.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        batch = len(prompts) if prompts else prompt_embeds.shape[0]
         if subjects and isinstance(subjects[0], Subject):
             subjects = [subjects]
         if prepared_subjects is None and subjects and any(subjects):
@@ -146,44 +167,56 @@ class MoAPipeline(StableDiffusionPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         guided = guidance_scale > 1.0
 
-        prompt_embeds, negative_embeds = self.encode_prompt(prompts, device, 1, guided, negative_prompt)
+        prompt_embeds, negative_embeds = self.encode_prompt(prompts or None, device, 1, guided, negative_prompt,
+                                                            prompt_embeds=prompt_embeds)
         text = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self.prepare_latents(len(prompts), self.unet.config.in_channels, height, width, prompt_embeds.dtype,
+        latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, prompt_embeds.dtype,
                                        device, generator, latents)
+        control = None if controlnet is None else self._control_input(control_image, batch, height, width, guided)
 
-        features = None
+        features = token_index = valid = None
         if prepared_subjects is not None:
             prepared = {k: v.to(device) for k, v in prepared_subjects.items()}
-            features = self.moa.encode_subjects(prepared["subject_pixel_values"])
+            features = prepared.get("subject_features")
+            if features is None:
+                features = self.moa.encode_subjects(prepared["subject_pixel_values"])
             token_index, valid = prepared["subject_token_index"], prepared["subject_valid"]
             if guided:  # the unconditional half sees no subject
                 features = torch.cat([features, features])
                 token_index = torch.cat([token_index, token_index])
                 valid = torch.cat([torch.zeros_like(valid), valid])
-        record = frozenset(moa_processors(self.unet)) if record_router_maps else frozenset()
+        processors = moa_processors(self.unet)
+        record_router = frozenset(processors) if record_router_maps else frozenset()
+        record_attention = frozenset(n for n, p in processors.items() if p.is_cross_attention) \
+            if record_attention_maps and features is not None else frozenset()
         router_maps: dict[str, list[torch.Tensor]] = {}
+        attention_maps: dict[str, list[torch.Tensor]] = {}
 
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             timesteps = t.expand(model_input.shape[0]).to(device)
-            if features is None and not record:
+            if features is None and not record_router:
                 moa = MoAInputs(prior_only=True)
-            elif features is None:
-                moa = self.moa.moa_inputs(text, timesteps=timesteps, record_router_layers=record)
             else:
                 moa = self.moa.moa_inputs(text, timesteps=timesteps, subject_features=features,
                                           subject_token_index=token_index, subject_valid=valid,
-                                          record_router_layers=record)
+                                          record_router_layers=record_router, record_attention_layers=record_attention)
+            residuals = {}
+            if controlnet is not None:
+                down, mid = controlnet(model_input, t, encoder_hidden_states=text, controlnet_cond=control,
+                                       conditioning_scale=controlnet_conditioning_scale, return_dict=False)
+                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             noise_pred = self.unet(model_input, t, encoder_hidden_states=text, cross_attention_kwargs={"moa": moa},
-                                   return_dict=False)[0]
+                                   return_dict=False, **residuals)[0]
             if guided:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            for name, weights in moa.router_maps.items():
-                router_maps.setdefault(name, []).append(weights[-len(prompts):].float().cpu())
+            for store, reported in ((router_maps, moa.router_maps), (attention_maps, moa.subject_attention)):
+                for name, value in reported.items():
+                    store.setdefault(name, []).append(value[-batch:].float().cpu())
 
         if output_type == "latent":
             images = latents
@@ -192,4 +225,5 @@ class MoAPipeline(StableDiffusionPipeline):
             images = self.image_processor.postprocess(decoded, output_type=output_type,
                                                       do_denormalize=[True] * decoded.shape[0])
         self.maybe_free_model_hooks()
-        return MoAPipelineOutput(images=images, router_maps={k: torch.stack(v) for k, v in router_maps.items()})
+        return MoAPipelineOutput(images=images, router_maps={k: torch.stack(v) for k, v in router_maps.items()},
+                                 attention_maps={k: torch.stack(v) for k, v in attention_maps.items()})

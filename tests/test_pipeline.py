@@ -1,0 +1,185 @@
+"""MoAPipeline and the paper's applications on tiny components."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel, UniPCMultistepScheduler
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from moa.applications import ddim_invert, morph, real_image_subject_swap, subject_swap, time_lapse
+from moa.model import EXPORT_WEIGHTS, MoAModel
+from moa.pipeline import MoAPipeline, Subject
+from moa.protocol import load_protocol
+from moa.subjects import SubjectBindingError
+from moa.unet import MoALayoutError, moa_processors, moa_state_dict
+from moa.visualize import router_map_figure
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def faces():
+    protocol = load_protocol()
+    return [protocol.reference_image(s) for s in ("000001", "000612")]
+
+
+def _randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in [*moa_processors(model.unet).values(), model.prompt_encoder]:
+            for p in module.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir):
+    model = MoAModel.from_pretrained(tiny_dir / "stable-diffusion", tiny_dir / "image-encoder").eval()
+    _randomize(model)
+    pipeline = MoAPipeline.from_moa_model(model)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _gen(seed, n=1):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def _np(out):
+    return np.asarray(out.images)
+
+
+def test_prior_only_equals_stable_diffusion_pipeline(pipe, tiny_dir):
+    reference = StableDiffusionPipeline.from_pretrained(tiny_dir / "stable-diffusion", safety_checker=None)
+    reference.scheduler = UniPCMultistepScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    prompt = ["a man holding a red ball in a park", "a woman on a beach"]
+    expected = reference(prompt, num_inference_steps=STEPS, generator=_gen(3, 2), output_type="np").images
+    got = _np(pipe(prompt, num_inference_steps=STEPS, generator=_gen(3, 2), output_type="np"))
+    diff = np.abs(expected - got).max()
+    print(f"prior-only MoA pipeline vs StableDiffusionPipeline: max abs pixel diff {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_same_seed_same_image_and_any_image_regenerates_alone(pipe, faces):
+    prompts = ["a man holding a red ball", "a woman in a park"]
+    subjects = [[Subject(faces[0], "man")], [Subject(faces[1], "woman")]]
+    batch = _np(pipe(prompts, subjects, num_inference_steps=STEPS, generator=_gen(7, 2), output_type="np"))
+    again = _np(pipe(prompts, subjects, num_inference_steps=STEPS, generator=_gen(7, 2), output_type="np"))
+    assert np.array_equal(batch, again)
+    alone = _np(pipe(prompts[1], subjects[1], num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(8)],
+                     output_type="np"))
+    assert np.abs(alone[0] - batch[1]).max() <= 1e-5
+    prior = _np(pipe(prompts[1], num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(8)], output_type="np"))
+    assert np.abs(prior[0] - batch[1]).max() > 1e-3, "the subject must change the image"
+
+
+def test_subject_swap_and_morphing_endpoints(pipe, faces):
+    prompt = "a man riding a horse"
+    a, b = Subject(faces[0], "man"), Subject(faces[1], "man")
+    swapped = subject_swap(pipe, prompt, [[a], [b]], seed=1, num_inference_steps=STEPS, output_type="np")
+    morphs = morph(pipe, prompt, a, b, [0.0, 0.5, 1.0], seed=1, num_inference_steps=STEPS, output_type="np")
+    assert np.array_equal(_np(morphs[0]), _np(swapped[0]))
+    assert np.array_equal(_np(morphs[2]), _np(swapped[1]))
+    assert not np.array_equal(_np(morphs[1]), _np(morphs[0]))
+
+
+def test_time_lapse_endpoints_are_the_two_words(pipe, faces):
+    subject = Subject(faces[0], "kid")
+    outs = time_lapse(pipe, "a photo of a {}", "kid", "person", subject, [0.0, 1.0], seed=2,
+                      num_inference_steps=STEPS, output_type="np")
+    direct = pipe("a photo of a person", [Subject(faces[0], "person")], num_inference_steps=STEPS,
+                  generator=_gen(2), output_type="np")
+    assert np.abs(_np(outs[1]) - _np(direct)).max() <= 1e-5
+    assert not np.array_equal(_np(outs[0]), _np(outs[1]))
+
+
+def test_lora_lands_in_the_prior_only_and_unloads_exactly(pipe, faces, tiny_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    donor = UNet2DConditionModel.from_pretrained(tiny_dir / "stable-diffusion", subfolder="unet")
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(donor))
+    args = dict(prompt="a man holding a cup", subjects=[Subject(faces[0], "man")], num_inference_steps=STEPS,
+                output_type="np")
+    before = _np(pipe(**args, generator=_gen(5)))
+    personalized = {k: v.clone() for k, v in moa_state_dict(pipe.unet).items()}
+    pipe.load_lora_weights(tmp_path, adapter_name="style")
+    try:
+        styled = _np(pipe(**args, generator=_gen(5)))
+        assert np.abs(styled - before).max() > 1e-3, "the LoRA must change the image"
+        after_keys = moa_state_dict(pipe.unet)
+        assert after_keys.keys() == personalized.keys(), "the LoRA touched the personalized experts"
+        assert all(torch.equal(after_keys[k], v) for k, v in personalized.items())
+    finally:
+        pipe.unload_lora_weights()
+    assert np.array_equal(_np(pipe(**args, generator=_gen(5))), before)
+
+
+def test_controlnet_runs_and_zero_scale_is_a_no_op(pipe, faces, tiny_dir):
+    base = UNet2DConditionModel.from_pretrained(tiny_dir / "stable-diffusion", subfolder="unet")
+    controlnet = ControlNetModel.from_unet(base, conditioning_embedding_out_channels=(16, 32, 64))
+    pose = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    args = dict(prompt="a man dancing", subjects=[Subject(faces[0], "man")], num_inference_steps=STEPS, output_type="np")
+    plain = _np(pipe(**args, generator=_gen(4)))
+    with torch.no_grad():
+        for p in controlnet.controlnet_mid_block.parameters():
+            p.normal_(0, 0.1)
+    controlled = _np(pipe(**args, generator=_gen(4), controlnet=controlnet, control_image=pose))
+    zero = _np(pipe(**args, generator=_gen(4), controlnet=controlnet, control_image=pose,
+                    controlnet_conditioning_scale=0.0))
+    assert np.abs(controlled - plain).max() > 1e-4
+    assert np.abs(zero - plain).max() <= 1e-6
+
+
+def test_ddim_inversion_reconstructs_and_real_image_swap_runs(pipe, faces, synthetic_root, tiny_dir):
+    """DDIM inversion is exact when the noise prediction does not change along the path; a U-Net whose
+    output layer is a constant is such a model, so any misalignment of the inverse and forward
+    schedules shows up as reconstruction error. (The tiny random prior is far from smooth, so its
+    error says nothing about SD1.5.)"""
+    from diffusers import DDIMScheduler
+
+    photo = Image.open(next(synthetic_root.glob("*/*.jpg"))).convert("RGB").resize((64, 64))
+    model = MoAModel.from_pretrained(tiny_dir / "stable-diffusion", tiny_dir / "image-encoder").eval()
+    with torch.no_grad():
+        model.unet.conv_out.weight.zero_()
+        model.unet.conv_out.bias.normal_(0, 0.5)
+    constant = MoAPipeline.from_moa_model(model, scheduler=DDIMScheduler.from_config(model.noise_scheduler.config))
+    constant.set_progress_bar_config(disable=True)
+    inverted, clean = ddim_invert(constant, photo, "a person", num_inference_steps=20)
+    assert (inverted - clean).abs().max() > 0.1, "inversion must move the latent"
+    rebuilt = constant("a person", latents=inverted, num_inference_steps=20, guidance_scale=1.0,
+                       output_type="latent").images
+    error = ((rebuilt - clean).norm() / clean.norm()).item()
+    print(f"DDIM inversion + regeneration, constant-noise U-Net, 20 steps: relative latent error {error:.2e}")
+    assert error < 1e-4
+    swapped = real_image_subject_swap(pipe, photo, "a person", [Subject(faces[1], "person")], num_inference_steps=5,
+                                      output_type="np")
+    assert _np(swapped).shape == (1, 64, 64, 3)
+
+
+def test_router_and_attention_maps_are_reported_and_drawn(pipe, faces):
+    out = pipe("a man and a woman", [Subject(faces[0], "man"), Subject(faces[1], "woman")],
+               num_inference_steps=STEPS, generator=_gen(0), record_router_maps=True, record_attention_maps=True)
+    assert len(out.router_maps) == 32 and len(out.attention_maps) == 16
+    first = next(iter(out.router_maps.values()))
+    assert first.shape == (STEPS, 1, 256)
+    assert next(iter(out.attention_maps.values())).shape[-1] == 2
+    figure = router_map_figure(out.router_maps, latent_size=(16, 16))
+    assert figure.size[0] > 100 and figure.size[1] > 100
+
+
+def test_clear_errors_before_generation(pipe, faces, tmp_path, tiny_dir):
+    with pytest.raises(SubjectBindingError, match="'woman'"):
+        pipe("a man on a horse", [Subject(faces[0], "woman")], num_inference_steps=STEPS)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.jpg.*cannot be read"):
+        pipe("a man on a horse", [Subject(broken, "man")], num_inference_steps=STEPS)
+    export = pipe.moa.export_moa(tmp_path / "export")
+    weights = load_file(export / EXPORT_WEIGHTS)
+    weights.pop(next(k for k in weights if k.startswith("unet.up_blocks")))
+    save_file(weights, export / EXPORT_WEIGHTS)
+    with pytest.raises(MoALayoutError, match="1 missing"):
+        MoAPipeline.from_moa(tiny_dir / "stable-diffusion", tiny_dir / "image-encoder", export)
