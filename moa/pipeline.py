@@ -197,7 +197,7 @@ class MoAPipeline(StableDiffusionPipeline):
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             timesteps = t.expand(model_input.shape[0]).to(device)
-            if features is None and not record_router:
+            if features is None:  # prior-only generation is the base model: no router, nothing to record
                 moa = MoAInputs(prior_only=True)
             else:
                 moa = self.moa.moa_inputs(text, timesteps=timesteps, subject_features=features,

@@ -23,6 +23,13 @@ def precision(gpu_precision: str = "bf16-mixed") -> str:
     return gpu_precision if torch.cuda.is_available() else "32-true"
 
 
-for _name, _fn in {"moa_wandb_offline": wandb_offline, "moa_precision": precision}.items():
+def device() -> str:
+    """``cuda`` where available, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+for _name, _fn in {"moa_wandb_offline": wandb_offline, "moa_precision": precision, "moa_device": device}.items():
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)

@@ -183,3 +183,34 @@ def test_clear_errors_before_generation(pipe, faces, tmp_path, tiny_dir):
     save_file(weights, export / EXPORT_WEIGHTS)
     with pytest.raises(MoALayoutError, match="1 missing"):
         MoAPipeline.from_moa(tiny_dir / "stable-diffusion", tiny_dir / "image-encoder", export)
+
+
+def test_generate_command_writes_images_and_a_reproducible_record(pipe, tmp_path, tiny_dir, faces):
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from moa.generate import generate
+    from tests.conftest import CONF_DIR
+
+    weights = pipe.moa.export_moa(tmp_path / "weights")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=[
+            f"base_model={tiny_dir}/stable-diffusion", f"image_encoder={tiny_dir}/image-encoder",
+            f"moa_weights={weights}", "num_inference_steps=3", "device=cpu", f"paths.root_dir={tmp_path}",
+        ])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+        cfg.requests = [{"prompt": "a man in a park", "subjects": [{"image": str(faces[0]), "word": "man"}], "seed": 3},
+                        {"prompt": "a man in a park", "subjects": [], "seed": 3}]
+    records = generate(cfg)
+    record = json.loads((tmp_path / "out" / "generation.json").read_text())
+    assert record["moa_weights_sha256"] and record["base_model_sha256"] and record["scheduler"] == "UniPCMultistepScheduler"
+    assert [r["seed"] for r in records] == [3, 3]
+    assert (tmp_path / "out" / "0000_seed3_router_maps.png").exists()
+    assert not (tmp_path / "out" / "0001_seed3_router_maps.png").exists()  # prior-only: no router
+    regenerated = pipe("a man in a park", [Subject(faces[0], "man")], num_inference_steps=3,
+                       generator=[torch.Generator().manual_seed(3)]).images[0]
+    written = Image.open(tmp_path / "out" / "0000_seed3.png")
+    assert np.abs(np.asarray(regenerated, dtype=int) - np.asarray(written, dtype=int)).max() <= 1
