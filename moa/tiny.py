@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import (
+    CLIPConfig,
     CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
 )
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ TINY_IMAGE_SIZE = 64  # pixels of the tiny model's images (the VAE downsamples b
 # SD1.5's noise schedule.
 SD15_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                              clip_sample=False, steps_offset=1, prediction_type="epsilon")
-TINY_VERSION = "1"  # bump when anything below changes, so cached copies are rebuilt
+TINY_VERSION = "2"  # bump when anything below changes, so cached copies are rebuilt
 
 _BYTE_LEVEL_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -89,8 +90,8 @@ def _tokenizer_corpus() -> list[str]:
 
 
 def build_tiny_components(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Write a tiny SD1.5-format pipeline (``stable-diffusion/``) and CLIP vision encoder
-    (``image-encoder/``) into ``out_dir``. Idempotent and atomic: an existing complete build is reused."""
+    """Write a tiny SD1.5-format pipeline (``stable-diffusion/``) and a CLIP model (``clip/``, the
+    image encoder and the prompt-consistency judge) into ``out_dir``. Idempotent and atomic: an existing complete build is reused."""
     out_dir = Path(out_dir)
     marker = out_dir / "tiny_version.txt"
     if marker.exists() and marker.read_text().strip() == TINY_VERSION:
@@ -128,13 +129,19 @@ def _write_tiny_components(staging: Path, *, seed: int) -> None:
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(staging / "stable-diffusion")
-    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, projection_dim=64,
+    # Like openai/clip-vit-large-patch14: one CLIPModel folder (text + vision + projections, tokenizer,
+    # image processor) that serves as MoA's image encoder and as the prompt-consistency judge.
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, projection_dim=64),
+        projection_dim=64,
     ))
-    image_encoder.save_pretrained(staging / "image-encoder")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        staging / "image-encoder"
-    )
+    clip.save_pretrained(staging / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(staging / "clip")
     shutil.rmtree(staging / "tokenizer-build")
     (staging / "tiny_version.txt").write_text(TINY_VERSION + "\n")

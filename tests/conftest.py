@@ -38,7 +38,7 @@ def compose_train(tmp_path, tiny_dir, synthetic_root, overrides=(), config_name=
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name=config_name, return_hydra_config=True, overrides=[
             f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "logger=csv",
-            f"base_model={tiny_dir}/stable-diffusion", f"image_encoder={tiny_dir}/image-encoder",
+            f"base_model={tiny_dir}/stable-diffusion", f"image_encoder={tiny_dir}/clip",
             f"data.root={synthetic_root}", "data.num_workers=0", "data.resolution=64", "data.batch_size=2",
             "trainer=cpu", "embedded=null", *overrides,
         ])

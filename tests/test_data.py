@@ -16,7 +16,7 @@ from moa.model import SubjectImageSpec
 @pytest.fixture
 def make_dataset(tiny_dir):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "stable-diffusion", subfolder="tokenizer")
-    spec = SubjectImageSpec.from_pretrained(tiny_dir / "image-encoder")
+    spec = SubjectImageSpec.from_pretrained(tiny_dir / "clip")
 
     def _make(root, **kwargs):
         return FFHQWildDataset(root, tokenizer=tokenizer, subject_image_spec=spec, resolution=64, split="all", **kwargs)

@@ -34,7 +34,7 @@ def _randomize(model, seed=0):
 
 @pytest.fixture(scope="module")
 def pipe(tiny_dir):
-    model = MoAModel.from_pretrained(tiny_dir / "stable-diffusion", tiny_dir / "image-encoder").eval()
+    model = MoAModel.from_pretrained(tiny_dir / "stable-diffusion", tiny_dir / "clip").eval()
     _randomize(model)
     pipeline = MoAPipeline.from_moa_model(model)
     pipeline.set_progress_bar_config(disable=True)
@@ -141,7 +141,7 @@ def test_ddim_inversion_reconstructs_and_real_image_swap_runs(pipe, faces, synth
     from diffusers import DDIMScheduler
 
     photo = Image.open(next(synthetic_root.glob("*/*.jpg"))).convert("RGB").resize((64, 64))
-    model = MoAModel.from_pretrained(tiny_dir / "stable-diffusion", tiny_dir / "image-encoder").eval()
+    model = MoAModel.from_pretrained(tiny_dir / "stable-diffusion", tiny_dir / "clip").eval()
     with torch.no_grad():
         model.unet.conv_out.weight.zero_()
         model.unet.conv_out.bias.normal_(0, 0.5)
@@ -182,7 +182,7 @@ def test_clear_errors_before_generation(pipe, faces, tmp_path, tiny_dir):
     weights.pop(next(k for k in weights if k.startswith("unet.up_blocks")))
     save_file(weights, export / EXPORT_WEIGHTS)
     with pytest.raises(MoALayoutError, match="1 missing"):
-        MoAPipeline.from_moa(tiny_dir / "stable-diffusion", tiny_dir / "image-encoder", export)
+        MoAPipeline.from_moa(tiny_dir / "stable-diffusion", tiny_dir / "clip", export)
 
 
 def test_generate_command_writes_images_and_a_reproducible_record(pipe, tmp_path, tiny_dir, faces):
@@ -197,7 +197,7 @@ def test_generate_command_writes_images_and_a_reproducible_record(pipe, tmp_path
     weights = pipe.moa.export_moa(tmp_path / "weights")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="generate", overrides=[
-            f"base_model={tiny_dir}/stable-diffusion", f"image_encoder={tiny_dir}/image-encoder",
+            f"base_model={tiny_dir}/stable-diffusion", f"image_encoder={tiny_dir}/clip",
             f"moa_weights={weights}", "num_inference_steps=3", "device=cpu", f"paths.root_dir={tmp_path}",
         ])
     with open_dict(cfg):

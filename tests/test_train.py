@@ -77,7 +77,7 @@ def test_export_reproduces_the_trained_module(compose_cfg, tmp_path, tiny_dir):
     cfg = compose_cfg("trainer.max_steps=2", "callbacks=none", f"export_dir={tmp_path}/export")
     _, objects = train(cfg)
     trained = objects["module"].model.eval()
-    loaded = MoAModel.from_pretrained(tiny_dir / "stable-diffusion", tiny_dir / "image-encoder",
+    loaded = MoAModel.from_pretrained(tiny_dir / "stable-diffusion", tiny_dir / "clip",
                                       moa_weights=tmp_path / "export").eval()
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 4, 16, 16, generator=g)

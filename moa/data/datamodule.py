@@ -47,7 +47,7 @@ class ResumableStreamSampler(Sampler[int]):
 
 
 class FFHQWildDataModule(pl.LightningDataModule):
-    """FFHQ-wild training data; the tokenizer and image-encoder settings come from the model's folders.
+    """FFHQ-wild training data; the tokenizer and clip settings come from the model's folders.
 
     Args:
         root: FFHQ-wild folder.

@@ -156,7 +156,7 @@ class FFHQWildDataset(Dataset):
 
         pixel_values          (3, R, R) float in [-1, 1]
         input_ids             (T,) long, caption tokens padded to the tokenizer's max length
-        subject_pixel_values  (S, 3, r, r) image-encoder inputs (zeros where padded)
+        subject_pixel_values  (S, 3, r, r) clip inputs (zeros where padded)
         subject_token_index   (S,) long, position of each subject's word (0 where padded)
         subject_valid         (S,) bool
         subject_masks         (S, R, R) float {0, 1}
