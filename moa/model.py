@@ -18,11 +18,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers.utils import logging as transformers_logging
 
 from moa.checks import check_pretrained_path
 from moa.inputs import MoAInputs
 from moa.prompt import MultimodalPromptEncoder, personalize_text
-from moa.unet import MoAConfig, install_moa, load_moa_state_dict, moa_state_dict
+from moa.unet import MoAConfig, MoALayoutError, install_moa, load_moa_state_dict, moa_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,17 @@ def load_base_components(base_model: str | os.PathLike, base_model_config: str |
     }
 
 
+def load_image_encoder(path: str | os.PathLike) -> CLIPVisionModelWithProjection:
+    """The vision half of a CLIP checkpoint (e.g. openai/clip-vit-large-patch14). Its text weights are
+    expected to go unused, so transformers' report of them is silenced."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return CLIPVisionModelWithProjection.from_pretrained(path)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 class MoAModel(nn.Module):
     """Frozen prior (VAE, text encoder, U-Net host layers, image encoder) + trainable MoA parts
     (personalized experts and routers inside the U-Net, and the multimodal prompt encoder)."""
@@ -128,11 +140,32 @@ class MoAModel(nn.Module):
             saved = json.loads((Path(moa_weights) / EXPORT_CONFIG).read_text())
             moa_config, spacetime = saved["moa_config"], saved["spacetime"]
         model = cls(**load_base_components(base_model, base_model_config),
-                    image_encoder=CLIPVisionModelWithProjection.from_pretrained(image_encoder),
+                    image_encoder=load_image_encoder(image_encoder),
                     subject_image_spec=SubjectImageSpec.from_pretrained(image_encoder),
                     moa_config=moa_config or MoAConfig(), spacetime=spacetime)
         if moa_weights is not None:
             model.load_trainable_state_dict(load_file(Path(moa_weights) / EXPORT_WEIGHTS))
+        return model
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_path: str | os.PathLike) -> MoAModel:
+        """Rebuild the model from a Lightning checkpoint written by ``train.py``: the base model and MoA
+        settings come from the run configuration stored in it, the weights from its state dict."""
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        run = checkpoint.get("hyper_parameters", {}).get("run_config")
+        if not run:
+            raise ValueError(f"ckpt_path={str(ckpt_path)!r}: no run_config in the checkpoint (not written by train.py?)")
+        settings = run["model"]["model"]
+        model = cls.from_pretrained(run["base_model"], run["image_encoder"], moa_config=settings["moa_config"],
+                                    spacetime=settings["spacetime"], base_model_config=run.get("base_model_config"))
+        state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        missing = trainable - set(state)
+        unexpected = set(state) - trainable
+        if missing or unexpected:
+            raise MoALayoutError(f"ckpt_path={str(ckpt_path)!r}: {len(missing)} MoA weights missing (e.g. "
+                                 f"{sorted(missing)[:2]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})")
+        model.load_state_dict(state, strict=False)
         return model
 
     # ---- trainable state -------------------------------------------------------------------------
