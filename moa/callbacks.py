@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -79,3 +81,57 @@ class SampleImagesCallback(pl.Callback):
                                  caption=["columns: prior-only | MoA | subject(s)"])
                 logger.log_image("samples/router_maps", [router], step=step)
         log.info("wrote samples and router maps for step %d to %s", step, self.out_dir)
+
+
+class PreemptionCheckpoint(pl.Callback):
+    """Save ``last.ckpt`` when the cluster announces preemption or time-out, then let the job go.
+
+    SLURM sends ``signal`` (submitit's USR2) some time before it stops a job. A signal handler must not
+    write a checkpoint itself (it could land in the middle of an optimizer step), so it only raises a
+    flag; the next batch end agrees on it across ranks, saves a consistent checkpoint, and then hands
+    over to the handler that was installed before (submitit's: requeue the job and exit). Without such
+    a handler, training stops cleanly. The requeued job resumes through ``ckpt_path=last``.
+
+    Args:
+        signal_name: the signal to watch (``SIGUSR2`` for submitit; Lightning handles its own SIGUSR1).
+        check_every_n_steps: how often ranks compare flags in DDP (a collective, so not every step).
+    """
+
+    def __init__(self, *, dirpath: str, signal_name: str = "SIGUSR2", check_every_n_steps: int = 10):
+        self.path = Path(dirpath) / "last.ckpt"
+        self.signum = getattr(signal, signal_name)
+        self.check_every_n_steps = check_every_n_steps
+        self._received = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
+        self._received = True
+        self._frame = frame
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(self.signum)
+            signal.signal(self.signum, self._handler)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.world_size > 1:
+            if trainer.global_step % self.check_every_n_steps:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(self._received, all=False)
+        else:
+            stop = self._received
+        if not stop:
+            return
+        trainer.save_checkpoint(self.path)
+        log.warning("saved %s at step %d for the requeued job", self.path, trainer.global_step)
+        previous, self._previous = self._previous, None
+        signal.signal(self.signum, previous if previous is not None else signal.SIG_DFL)
+        if callable(previous):
+            previous(self.signum, getattr(self, "_frame", None))
+        trainer.should_stop = True

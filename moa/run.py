@@ -37,15 +37,18 @@ def wandb_run_id(output_dir: Path) -> str:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``"last"`` -> the run directory's last checkpoint if there is one (else a fresh start)."""
+    """``"last"`` -> the newest of the run directory's ``checkpoints/last.ckpt`` and the
+    ``hpc_ckpt_*.ckpt`` that Lightning's SLURM requeue writes; none -> a fresh start."""
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "last":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if last.exists():
-            log.info("resuming from %s", last)
-            return str(last)
-        log.info("no checkpoint in %s: starting fresh", last.parent)
+        candidates = [p for p in [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
+                      if p.exists()]
+        if candidates:
+            newest = max(candidates, key=lambda p: p.stat().st_mtime)
+            log.info("resuming from %s", newest)
+            return str(newest)
+        log.info("no checkpoint in %s: starting fresh", output_dir)
         return None
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint")

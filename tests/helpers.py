@@ -1,0 +1,32 @@
+"""Callbacks that tests add through Hydra (`+callbacks.x._target_=tests.helpers...`) to look inside runs."""
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from safetensors.torch import save_file
+
+
+class DumpTrainableWeights(pl.Callback):
+    """Every rank writes its trainable weights at the end of training: rank<r>.safetensors."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer, pl_module):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in pl_module.model.trainable_state_dict().items()}
+        save_file(state, self.out_dir / f"rank{trainer.global_rank}.safetensors")
+
+
+class SendSignalAtStep(pl.Callback):
+    """Sends ``signal_name`` to this process after global step ``step``, as a cluster would."""
+
+    def __init__(self, step: int, signal_name: str = "SIGUSR2"):
+        self.step, self.signal_name = step, signal_name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
