@@ -25,7 +25,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     from moa.run import instantiate_group, plain_config, resolve_ckpt_path, wandb_run_id
 
     output_dir = Path(cfg.paths.output_dir)
-    pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("embedded"):
         from moa.embedded import ensure_embedded_assets
 
@@ -40,6 +39,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = instantiate_group(cfg.get("logger"), **logger_kwargs)
     callbacks = instantiate_group(cfg.get("callbacks"))
 
+    # Seeded here, after the embedded assets: building them draws random numbers, and the initial MoA
+    # weights must not depend on whether they were already built.
+    pl.seed_everything(cfg.seed, workers=True)
     module = hydra.utils.instantiate(cfg.model)
     # Set after instantiation: Hydra would instantiate every _target_ inside a config passed as an argument.
     module.hparams["run_config"] = plain_config(cfg)

@@ -30,3 +30,18 @@ class SendSignalAtStep(pl.Callback):
             import signal
 
             os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class ExitOnSignal(pl.Callback):
+    """Installs, before training starts, a handler that exits like submitit's requeue handler does."""
+
+    def __init__(self, signal_name: str = "SIGUSR2"):
+        self.signal_name = signal_name
+
+    def setup(self, trainer, pl_module, stage):
+        import signal
+
+        def exit_like_submitit(signum, frame):
+            raise SystemExit(-1)
+
+        signal.signal(getattr(signal, self.signal_name), exit_like_submitit)

@@ -46,15 +46,20 @@ def test_ddp_two_cpu_processes_with_a_batch_without_subjects(tmp_path):
     assert (tmp_path / "run" / "moa_weights" / "moa.safetensors").exists()
 
 
-def test_preemption_signal_checkpoints_and_resume_matches_uninterrupted(compose_cfg, tmp_path):
+@pytest.mark.parametrize("previous_handler", ["none", "submitit-like exit"])
+def test_preemption_signal_checkpoints_and_resume_matches_uninterrupted(compose_cfg, tmp_path, previous_handler):
     common = ("callbacks.samples.every_n_steps=1000", "callbacks.model_checkpoint.every_n_train_steps=1000",
               "export_dir=null")
     _, straight = train(compose_cfg("trainer.max_steps=6", *common, out=tmp_path / "straight"))
-    _, interrupted = train(compose_cfg("trainer.max_steps=6", *common, "+callbacks.kill._target_=tests.helpers.SendSignalAtStep",
-                                       "+callbacks.kill.step=3", out=tmp_path / "preempted"))
-    stopped_at = interrupted["trainer"].global_step
-    assert stopped_at in (3, 4), "the signal must stop training at the next step boundary"
-    assert torch.load(tmp_path / "preempted" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped_at
+    kill = ("+callbacks.kill._target_=tests.helpers.SendSignalAtStep", "+callbacks.kill.step=3")
+    if previous_handler == "none":
+        _, interrupted = train(compose_cfg("trainer.max_steps=6", *common, *kill, out=tmp_path / "preempted"))
+        assert interrupted["trainer"].global_step in (3, 4), "the signal must stop training at the next step boundary"
+    else:
+        with pytest.raises(SystemExit):
+            train(compose_cfg("trainer.max_steps=6", *common, *kill, "+callbacks.exit._target_=tests.helpers.ExitOnSignal",
+                              out=tmp_path / "preempted"))
+    assert torch.load(tmp_path / "preempted" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] in (3, 4)
     _, resumed = train(compose_cfg("trainer.max_steps=6", *common, out=tmp_path / "preempted"))
     a = straight["module"].model.trainable_state_dict()
     b = resumed["module"].model.trainable_state_dict()

@@ -111,3 +111,14 @@ def test_bad_config_fails_fast_naming_the_option(override, expected, tmp_path, t
     assert result.returncode != 0
     assert expected in result.stderr + result.stdout
     assert elapsed < 10, f"took {elapsed:.1f}s"
+
+
+def test_initial_weights_do_not_depend_on_whether_embedded_assets_were_built(compose_cfg, tmp_path):
+    cache = tmp_path / "cache"
+    embedded = (f"+embedded.components_dir={cache}/tiny", f"+embedded.data_root={cache}/data", "+embedded.num_samples=12",
+                "+embedded.image_size=64", f"base_model={cache}/tiny/stable-diffusion", f"image_encoder={cache}/tiny/clip",
+                f"data.root={cache}/data", "trainer.max_steps=1", "callbacks=none")
+    _, first = train(compose_cfg(*embedded, f"export_dir={tmp_path}/a", out=tmp_path / "a"))  # builds the assets
+    _, second = train(compose_cfg(*embedded, f"export_dir={tmp_path}/b", out=tmp_path / "b"))  # reuses them
+    a, b = _trainable(first["module"]), _trainable(second["module"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
