@@ -30,6 +30,8 @@ class MoALitModule(pl.LightningModule):
         condition_dropout: probability of dropping text and subjects together (classifier-free guidance).
         max_timestep: timesteps are drawn from ``[0, max_timestep)`` (paper: 800).
         gradient_checkpointing: recompute U-Net activations in backward (``use_reentrant=False``).
+        channels_last: keep the U-Net's convolution activations in channels-last memory format.
+        compile_unet: ``torch.compile`` the U-Net in place (parameter names, hence checkpoints, unchanged).
         seed: with the global step, seeds all of a step's randomness, so a resumed run repeats the
             uninterrupted one exactly.
 
@@ -39,7 +41,8 @@ class MoALitModule(pl.LightningModule):
 
     def __init__(self, *, model: MoAModel, optimizer: Callable, lr_scheduler: Callable | None = None,
                  lambda_router: float = 1e-4, lambda_object: float = 1e-4, condition_dropout: float = 0.1,
-                 max_timestep: int = 800, gradient_checkpointing: bool = False, seed: int = 0):
+                 max_timestep: int = 800, gradient_checkpointing: bool = False, channels_last: bool = False,
+                 compile_unet: bool = False, seed: int = 0):
         super().__init__()
         self.model = model
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -55,6 +58,10 @@ class MoALitModule(pl.LightningModule):
         self.use_router = model.moa_config.variant == "moa"
         if gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
+        if channels_last:
+            model.unet.to(memory_format=torch.channels_last)
+        if compile_unet:
+            model.unet.compile()
         empty = model.tokenizer("", max_length=model.tokenizer.model_max_length, padding="max_length",
                                 truncation=True, return_tensors="pt").input_ids[0]
         self.register_buffer("empty_input_ids", empty, persistent=False)
@@ -100,7 +107,8 @@ class MoALitModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses, stats = self.compute_losses(batch, self._step_generator())
         for name, value in {**losses, **stats}.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch["pixel_values"].shape[0])
+            # No prog_bar: the progress bar would read the value back from the device every step.
+            self.log(f"train/{name}", value, batch_size=batch["pixel_values"].shape[0])
         return losses["loss"]
 
     def compute_losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator
