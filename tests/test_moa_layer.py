@@ -120,3 +120,45 @@ def test_layout_mismatch_is_a_clear_error_before_any_forward():
     with pytest.raises(MoALayoutError, match="transformer blocks"):
         install_moa(small)
     assert attention_layers(small, MoAConfig(num_transformer_blocks=4, loss_skip_first_blocks=0, loss_skip_last_blocks=0))
+
+
+def test_no_moa_variant_is_one_attention_equal_to_the_prior_at_initialisation(unet):
+    latents, t, text = _inputs(unet)
+    with torch.no_grad():
+        reference = unet(latents, t, text).sample
+    install_moa(unet, MoAConfig(variant="no_moa"))
+    assert all(p.router is None for p in moa_processors(unet).values())
+    with torch.no_grad():
+        out = unet(latents, t, text, cross_attention_kwargs={"moa": MoAInputs(personalized_condition=text[:, None])}).sample
+    assert _max_diff(out, reference) <= 1e-5
+    _randomize(p.expert for p in moa_processors(unet).values())
+    with torch.no_grad():
+        changed = unet(latents, t, text, cross_attention_kwargs={"moa": MoAInputs(personalized_condition=text[:, None])}).sample
+    assert _max_diff(changed, reference) > 1e-3  # no prior branch: the trained attention alone answers
+
+
+def test_spacetime_conditioning_varies_with_block_and_timestep_and_the_ablation_does_not():
+    from moa.prompt import MultimodalPromptEncoder
+
+    features, words = torch.randn(2, 3, 8), torch.randn(2, 3, 6)
+    encoder = MultimodalPromptEncoder(image_dim=8, text_dim=6, num_blocks=16)
+    tokens = encoder(features, words, torch.tensor([10, 700]))
+    assert tokens.shape == (2, 16, 3, 6)
+    assert not torch.allclose(tokens[:, 0], tokens[:, 5])
+    assert not torch.allclose(encoder(features, words, torch.tensor([10, 10])), encoder(features, words, torch.tensor([900, 900])))
+    ablation = MultimodalPromptEncoder(image_dim=8, text_dim=6, num_blocks=16, spacetime=False)
+    static = ablation(features, words, torch.tensor([10, 700]))
+    assert static.shape == (2, 1, 3, 6)
+    assert torch.equal(static, ablation(features, words, torch.tensor([999, 1])))
+
+
+def test_personalize_text_replaces_only_valid_subject_tokens():
+    from moa.prompt import personalize_text
+
+    text = torch.randn(1, 5, 4)
+    subject_tokens = torch.randn(1, 2, 2, 4)  # (batch, blocks, subjects, dim)
+    out = personalize_text(text, subject_tokens, torch.tensor([[1, 3]]), torch.tensor([[True, False]]))
+    assert out.shape == (1, 2, 5, 4)
+    assert torch.equal(out[0, 1, 1], subject_tokens[0, 1, 0])
+    for untouched in (0, 2, 3, 4):  # token 3 belongs to a padded subject
+        assert torch.equal(out[0, 0, untouched], text[0, untouched])
