@@ -35,15 +35,35 @@ def router_map_figure(router_maps: dict[str, torch.Tensor], *, latent_size: tupl
 
     router_maps: layer name -> (steps, batch, pixels). Dark = personalized expert, light = prior.
     """
-    names = list(router_maps)
-    steps = router_maps[names[0]].shape[0]
+    return layer_map_figure(router_maps, latent_size=latent_size, image_index=image_index, max_columns=max_columns,
+                            title=title, normalise=False)
+
+
+def subject_attention_figure(attention_maps: dict[str, torch.Tensor], *, subject: int, latent_size: tuple[int, int],
+                             image_index: int = 0, max_columns: int = 8, title: str = "") -> Image.Image:
+    """The personalized experts' cross-attention at one subject's token, per layer over steps.
+
+    attention_maps: cross-attention layer name -> (steps, batch, pixels, subjects).
+    """
+    maps = {name: value[..., subject] for name, value in attention_maps.items()}
+    return layer_map_figure(maps, latent_size=latent_size, image_index=image_index, max_columns=max_columns,
+                            title=title, normalise=True)
+
+
+def layer_map_figure(maps: dict[str, torch.Tensor], *, latent_size: tuple[int, int], image_index: int,
+                     max_columns: int, title: str, normalise: bool) -> Image.Image:
+    """Per-layer maps (rows) over denoising steps (columns); maps: name -> (steps, batch, pixels).
+    ``normalise`` scales each map to its own range (attention), else the colour scale is [0, 1]."""
+    names = list(maps)
+    steps = maps[names[0]].shape[0]
     shown = sorted({round(i * (steps - 1) / max(1, max_columns - 1)) for i in range(min(steps, max_columns))})
     fig, axes = plt.subplots(len(names), len(shown), figsize=(1.1 * len(shown) + 2.5, 1.1 * len(names)), squeeze=False)
     for r, name in enumerate(names):
         for c, step in enumerate(shown):
-            grid = pixel_map_to_grid(router_maps[name][step, image_index: image_index + 1], *latent_size)[0, 0]
+            grid = pixel_map_to_grid(maps[name][step, image_index: image_index + 1], *latent_size)[0, 0]
             ax = axes[r][c]
-            ax.imshow(grid.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+            limits = {} if normalise else {"vmin": 0.0, "vmax": 1.0}
+            ax.imshow(grid.numpy(), cmap="viridis", **limits)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

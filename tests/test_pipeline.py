@@ -7,13 +7,14 @@ from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionM
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from moa.applications import ddim_invert, morph, real_image_subject_swap, subject_swap, time_lapse
+from moa.applications import (consistent_characters, ddim_invert, morph, real_image_subject_swap, subject_swap,
+                              time_lapse)
 from moa.model import EXPORT_WEIGHTS, MoAModel
 from moa.pipeline import MoAPipeline, Subject
 from moa.protocol import load_protocol
 from moa.subjects import SubjectBindingError
 from moa.unet import MoALayoutError, moa_processors, moa_state_dict
-from moa.visualize import router_map_figure
+from moa.visualize import router_map_figure, subject_attention_figure
 
 STEPS = 4
 
@@ -82,6 +83,15 @@ def test_subject_swap_and_morphing_endpoints(pipe, faces):
     assert np.array_equal(_np(morphs[0]), _np(swapped[0]))
     assert np.array_equal(_np(morphs[2]), _np(swapped[1]))
     assert not np.array_equal(_np(morphs[1]), _np(morphs[0]))
+
+
+def test_consistent_characters_is_the_same_subject_in_every_prompt(pipe, faces):
+    prompts = ["a man reading a book", "a man riding a horse"]
+    out = consistent_characters(pipe, prompts, [Subject(faces[0], "man")], seed=4, num_inference_steps=STEPS,
+                                output_type="np")
+    alone = pipe(prompts[1], [Subject(faces[0], "man")], num_inference_steps=STEPS, generator=_gen(4),
+                 output_type="np")
+    assert np.abs(_np(out)[1] - _np(alone)[0]).max() <= 1e-5
 
 
 def test_time_lapse_endpoints_are_the_two_words(pipe, faces):
@@ -168,6 +178,8 @@ def test_router_and_attention_maps_are_reported_and_drawn(pipe, faces):
     assert next(iter(out.attention_maps.values())).shape[-1] == 2
     figure = router_map_figure(out.router_maps, latent_size=(16, 16))
     assert figure.size[0] > 100 and figure.size[1] > 100
+    attention = subject_attention_figure(out.attention_maps, subject=1, latent_size=(16, 16))
+    assert attention.size[1] > 100
 
 
 def test_clear_errors_before_generation(pipe, faces, tmp_path, tiny_dir):
