@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Build everything from ``cfg``, fit, export the MoA weights; returns (metrics, objects)."""
+    """Build everything from ``cfg``, fit, export the trained weights; returns (metrics, objects)."""
     from moa.checks import preflight
 
     preflight(cfg)
@@ -49,8 +49,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.is_global_zero and cfg.get("export_dir"):
-            path = module.model.export_moa(cfg.export_dir)
-            log.info("exported MoA weights to %s", path)
+            log.info("exported the trained weights to %s", module.export(cfg.export_dir))
     finally:
         for logger in loggers:
             if isinstance(logger, pl.loggers.WandbLogger):

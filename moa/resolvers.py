@@ -30,6 +30,14 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-for _name, _fn in {"moa_wandb_offline": wandb_offline, "moa_precision": precision, "moa_device": device}.items():
+def asset(name: str) -> str:
+    """Path of a file or folder shipped in ``moa/assets`` (works from a checkout and from a wheel)."""
+    from importlib import resources
+
+    return str(resources.files("moa") / "assets" / name)
+
+
+for _name, _fn in {"moa_wandb_offline": wandb_offline, "moa_precision": precision, "moa_device": device,
+                   "moa_asset": asset}.items():
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)

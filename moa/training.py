@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -66,6 +68,10 @@ class MoALitModule(pl.LightningModule):
                                 truncation=True, return_tensors="pt").input_ids[0]
         self.register_buffer("empty_input_ids", empty, persistent=False)
         self.strict_loading = False  # checkpoints hold only the trainable state
+
+    def export(self, out_dir: str | os.PathLike) -> Path:
+        """The trained MoA weights as safetensors + JSON (see ``MoAModel.export_moa``)."""
+        return self.model.export_moa(out_dir)
 
     # ---- frozen parts stay frozen and in eval mode ----------------------------------------------
 

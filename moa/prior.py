@@ -1,0 +1,133 @@
+"""Stage 1 of SynthWorld: training a tiny text-to-image prior from scratch with the same framework.
+
+Two Lightning modules, trained one after the other on the synthetic world's images and captions:
+
+- ``VAELitModule``: the autoencoder (reconstruction + a small KL term), so latents mean something.
+- ``PriorLitModule``: U-Net and text encoder, denoising in that VAE's latent space (the VAE frozen),
+  with caption dropout for classifier-free guidance.
+
+Each exports a diffusers folder (``export``), and the prior's folder is a complete Stable Diffusion
+pipeline: MoA then trains on it exactly as it would on SD1.5.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from moa.checks import check_pretrained_path
+
+log = logging.getLogger(__name__)
+
+
+def _step_generator(module: pl.LightningModule, seed: int) -> torch.Generator:
+    generator = torch.Generator(device=module.device)
+    generator.manual_seed((seed * 1_000_003 + module.global_step) * 4099 + module.global_rank)
+    return generator
+
+
+class VAELitModule(pl.LightningModule):
+    """Trains ``stable-diffusion/vae`` of a base folder from its initial weights.
+
+    Args:
+        base_model: a diffusers Stable Diffusion folder (its VAE is the starting point; its other
+            components are copied unchanged into the export).
+        optimizer: factory ``params -> Optimizer``.
+        kl_weight: weight of the KL term (small: latents stay close to a unit Gaussian in scale).
+    """
+
+    def __init__(self, *, base_model: str, optimizer: Callable, kl_weight: float = 1e-6, seed: int = 0):
+        super().__init__()
+        check_pretrained_path(base_model, option="model.base_model", expect="a diffusers Stable Diffusion folder")
+        self.base_model, self.optimizer_factory, self.kl_weight, self.seed = base_model, optimizer, kl_weight, seed
+        self.vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae")
+        # Running spread of the latents: the export sets scaling_factor = 1 / std, as SD's 0.18215 does.
+        self.register_buffer("latent_std", torch.ones(()))
+        self.save_hyperparameters({"kl_weight": kl_weight, "seed": seed})
+
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.vae.parameters())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        pixels = batch["pixel_values"]
+        posterior = self.vae.encode(pixels).latent_dist
+        self.latent_std.mul_(0.98).add_(0.02 * posterior.mean.detach().std())
+        reconstruction = self.vae.decode(posterior.sample(_step_generator(self, self.seed))).sample
+        mse = F.mse_loss(reconstruction, pixels)
+        kl = posterior.kl().mean() / pixels[0].numel()
+        loss = mse + self.kl_weight * kl
+        self.log_dict({"train/reconstruction": mse, "train/kl": kl, "train/loss": loss}, batch_size=pixels.shape[0])
+        return loss
+
+    def export(self, out_dir: str | os.PathLike) -> Path:
+        """The base folder with the trained VAE in place of the old one, and the latent scale refit."""
+        pipe = StableDiffusionPipeline.from_pretrained(self.base_model, safety_checker=None,
+                                                       requires_safety_checker=False)
+        self.vae.register_to_config(scaling_factor=float(1.0 / self.latent_std))
+        pipe.vae = self.vae
+        pipe.save_pretrained(out_dir)
+        return Path(out_dir)
+
+
+class PriorLitModule(pl.LightningModule):
+    """Trains U-Net and text encoder of a base folder for text-to-image denoising; VAE frozen.
+
+    Args:
+        base_model: a diffusers Stable Diffusion folder whose VAE is already trained (``VAELitModule``).
+        optimizer: factory ``params -> Optimizer``.
+        caption_dropout: probability of training on the empty caption (classifier-free guidance).
+    """
+
+    def __init__(self, *, base_model: str, optimizer: Callable, caption_dropout: float = 0.1, seed: int = 0):
+        super().__init__()
+        check_pretrained_path(base_model, option="model.base_model", expect="a diffusers Stable Diffusion folder")
+        self.base_model, self.optimizer_factory = base_model, optimizer
+        self.caption_dropout, self.seed = caption_dropout, seed
+        self.unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+        self.text_encoder = CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder")
+        self.vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae").requires_grad_(False).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer")
+        self.noise_scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
+        empty = self.tokenizer("", max_length=self.tokenizer.model_max_length, padding="max_length",
+                               truncation=True, return_tensors="pt").input_ids[0]
+        self.register_buffer("empty_input_ids", empty, persistent=False)
+        self.save_hyperparameters({"caption_dropout": caption_dropout, "seed": seed})
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    def configure_optimizers(self):
+        return self.optimizer_factory([*self.unet.parameters(), *self.text_encoder.parameters()])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        generator = _step_generator(self, self.seed)
+        pixels = batch["pixel_values"]
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample(generator) * self.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (pixels.shape[0],),
+                                  generator=generator, device=self.device)
+        keep = torch.rand(pixels.shape[0], generator=generator, device=self.device) >= self.caption_dropout
+        input_ids = torch.where(keep[:, None], batch["input_ids"], self.empty_input_ids)
+        text = self.text_encoder(input_ids)[0]
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        loss = F.mse_loss(self.unet(noisy, timesteps, text).sample, noise)
+        self.log("train/loss", loss, batch_size=pixels.shape[0])
+        return loss
+
+    def export(self, out_dir: str | os.PathLike) -> Path:
+        """A complete Stable Diffusion folder with the trained U-Net and text encoder."""
+        StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                                scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(out_dir)
+        return Path(out_dir)
