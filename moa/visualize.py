@@ -14,16 +14,20 @@ from PIL import Image, ImageDraw  # noqa: E402
 from moa.losses import pixel_map_to_grid  # noqa: E402
 
 
-def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, *, pad: int = 2) -> Image.Image:
-    """Rows of equally sized images in one picture, each row optionally labelled at its left."""
+def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, *, pad: int = 2,
+               min_size: int = 128) -> Image.Image:
+    """Rows of equally sized images in one picture, each row optionally labelled at its left; small
+    images are enlarged (nearest neighbour) to at least ``min_size`` pixels so they can be seen."""
     width, height = rows[0][0].size
+    scale = max(1, -(-min_size // min(width, height)))
+    width, height = width * scale, height * scale
     label_width = 90 if labels else 0
     columns = max(len(r) for r in rows)
     grid = Image.new("RGB", (label_width + columns * (width + pad), len(rows) * (height + pad)), "white")
     draw = ImageDraw.Draw(grid)
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
-            grid.paste(image.resize((width, height)), (label_width + c * (width + pad), r * (height + pad)))
+            grid.paste(image.resize((width, height), Image.NEAREST), (label_width + c * (width + pad), r * (height + pad)))
         if labels:
             draw.text((2, r * (height + pad) + height // 2 - 5), labels[r], fill="black")
     return grid
