@@ -300,7 +300,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = _device_settings()
     if args.train_variant:  # the per-variant child process of the CPU training benchmark
-        print(json.dumps(train_step_variant(args.train_variant, settings)))
+        sys.stdout.write(json.dumps(train_step_variant(args.train_variant, settings)) + "\n")  # read by the parent
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(torch.get_num_threads())
@@ -321,7 +321,7 @@ def main() -> None:
             else:
                 results["embedded"] = bench_embedded(Path(work))
             log.info("%s done in %.0fs", part, time.perf_counter() - start)
-    print(_table(results))
+    log.info("results:\n%s", _table(results))
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     log.info("wrote %s", args.out)
 
