@@ -59,15 +59,18 @@ class FFHQWildDataModule(pl.LightningDataModule):
         num_workers: loader worker processes.
         seed: data order seed.
         data_format: ``"folder"`` (FFHQ-wild as files) or ``"shards"`` (tar shards from ``moa.data.shards``).
+        subject_source: ``"crop"`` (the subject cut from the target image, FastComposer's way) or
+            ``"reference"`` (a separate render of the subject, SynthWorld data only).
     """
 
     def __init__(self, *, root: str, base_model: str, image_encoder: str, resolution: int = 512, batch_size: int = 32,
                  num_workers: int = 2, seed: int = 0, split: str = "train", data_format: str = "folder",
-                 max_subjects: int = 4, max_corrupt_fraction: float = 0.05, base_model_config: str | None = None):
+                 max_subjects: int = 4, max_corrupt_fraction: float = 0.05, base_model_config: str | None = None,
+                 subject_source: str = "crop"):
         super().__init__()
         if not Path(root).is_dir():
             raise FileNotFoundError(f"data.root={root!r}: no such folder (expected FastComposer's FFHQ-wild layout)")
-        self.data_format = data_format
+        self.data_format, self.subject_source = data_format, subject_source
         check_pretrained_path(base_model, option="base_model", expect="a diffusers Stable Diffusion folder or a "
                                                                       "single-file checkpoint")
         self.root, self.image_encoder = root, image_encoder
@@ -80,7 +83,7 @@ class FFHQWildDataModule(pl.LightningDataModule):
         if self.dataset is None:
             self.dataset = FFHQWildDataset(
                 self.root, split=self.split, data_format=self.data_format, resolution=self.resolution,
-                max_subjects=self.max_subjects,
+                max_subjects=self.max_subjects, subject_source=self.subject_source,
                 tokenizer=CLIPTokenizer.from_pretrained(self.tokenizer_source, subfolder="tokenizer"),
                 subject_image_spec=SubjectImageSpec.from_pretrained(self.image_encoder),
                 max_corrupt_fraction=self.max_corrupt_fraction,

@@ -168,11 +168,14 @@ class FFHQWildDataset(Dataset):
 
     def __init__(self, root: str | Path, *, tokenizer: PreTrainedTokenizerBase, subject_image_spec: SubjectImageSpec,
                  resolution: int, split: str = "train", data_format: str = "folder", max_subjects: int = MAX_SUBJECTS,
-                 max_corrupt_fraction: float = 0.05):
+                 max_corrupt_fraction: float = 0.05, subject_source: str = "crop"):
         self.root = Path(root)
         self.store = open_store(root, data_format)
         if not 1 <= max_subjects <= MAX_SUBJECTS:
             raise ValueError(f"data.max_subjects={max_subjects}: expected 1..{MAX_SUBJECTS}")
+        if subject_source not in ("crop", "reference"):
+            raise ValueError(f"data.subject_source={subject_source!r}: expected 'crop' or 'reference'")
+        self.subject_source = subject_source
         self.ids = self.store.split(split)
         if not self.ids:
             raise ValueError(f"data.root={str(root)!r}: split {split!r} lists no image ids")
@@ -209,6 +212,24 @@ class FFHQWildDataset(Dataset):
     def caption(self, index: int) -> str:
         return json.loads(self.store.read(self.ids[index], "json"))["caption"]
 
+    def _reference_crop(self, image_id: str, segment: dict) -> torch.Tensor:
+        """The image-encoder input from the subject's reference render (another pose and background)."""
+        reference_id = segment.get("reference")
+        if not reference_id:
+            raise CorruptSampleError(f"{image_id}: segment {segment['id']} has no reference render "
+                                     "(data.subject_source=reference needs SynthWorld data)")
+        try:
+            with Image.open(io.BytesIO(self.store.read(reference_id, "jpg"))) as opened:
+                reference = _to_tensor(opened.convert("RGB"))
+            mask = torch.from_numpy(np.load(io.BytesIO(self.store.read(reference_id, "npy"))) > 0).float()
+        except (OSError, ValueError) as error:
+            raise CorruptSampleError(f"{image_id}: unreadable reference render {reference_id} ({error})") from error
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        if len(xs) == 0:
+            raise CorruptSampleError(f"{image_id}: reference render {reference_id} has an empty mask")
+        bbox = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+        return subject_crop(reference, mask, bbox, self.spec)
+
     def tokenize(self, caption: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         encoded = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
                                  truncation=True, return_offsets_mapping=True)
@@ -234,7 +255,10 @@ class FFHQWildDataset(Dataset):
         valid = torch.zeros(n, dtype=torch.bool)
         for slot, (segment, position) in enumerate(kept):
             mask = (segments == int(segment["id"])).float()
-            subject_pixels[slot] = subject_crop(image, mask, segment["bbox"], self.spec)
+            if self.subject_source == "reference":
+                subject_pixels[slot] = self._reference_crop(image_id, segment)
+            else:
+                subject_pixels[slot] = subject_crop(image, mask, segment["bbox"], self.spec)
             subject_masks[slot] = _resize_center_crop(mask[None], size, "nearest")[0]
             token_index[slot] = position
             valid[slot] = True

@@ -40,10 +40,12 @@ def pack_shards(root: str | os.PathLike, out: str | os.PathLike, *, samples_per_
         tmp = out / f".{name}.tmp"
         with tarfile.open(tmp, "w") as tar:
             for image_id in ids[first: first + samples_per_shard]:
-                for extension in EXTENSIONS:
-                    path = source.root / image_id[:5] / f"{image_id}.{extension}"
+                folder = source.root / image_id[:5]
+                files = [folder / f"{image_id}.{extension}" for extension in EXTENSIONS]
+                files += sorted(folder.glob(f"{image_id}_ref*.*"))  # SynthWorld reference renders
+                for path in files:
                     if path.exists():
-                        tar.add(path, arcname=f"{image_id}.{extension}")
+                        tar.add(path, arcname=path.name)
         with tarfile.open(tmp) as tar:
             for member in tar.getmembers():
                 image_id, extension = member.name.rsplit(".", 1)

@@ -11,7 +11,9 @@ Layout written (the same one ``FFHQWildDataset`` reads)::
     root/<id[:5]>/<id>.jpg    RGB image
     root/<id[:5]>/<id>.npy    (H, W) integer segment map, values = segment ids, 0 = unlabeled
     root/<id[:5]>/<id>.json   {"caption", "segments": [{"id", "bbox": [x1, y1, x2, y2], "end",
-                                                        "coco_label", "word"}]}
+                                                        "coco_label", "word", "reference"}]}
+    root/<id[:5]>/<id>_ref<k>.jpg|.npy   person k alone, another pose, studio background (SynthWorld's
+                                        addition; ``data.subject_source=reference`` uses it)
 """
 
 from __future__ import annotations
@@ -179,6 +181,19 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int) -
     return image, seg, annotation
 
 
+STUDIO_BACKGROUNDS = ((128, 128, 128), (70, 90, 140), (230, 230, 225), (150, 120, 160))
+
+
+def render_reference(rng: random.Random, identity: Identity, *, size: int) -> tuple[Image.Image, np.ndarray]:
+    """The subject alone, in another pose and on a studio background: an identity image that shares
+    neither the target's pose nor its context. Segment map: 1 on the figure, 0 elsewhere."""
+    image = Image.new("RGB", (size, size), rng.choice(STUDIO_BACKGROUNDS))
+    segmap = Image.new("I", (size, size), 0)
+    _draw_person(ImageDraw.Draw(image), ImageDraw.Draw(segmap), identity, cx=size * rng.uniform(0.4, 0.6),
+                 ground=size * 0.95, height=size * rng.uniform(0.75, 0.9), segment_id=1, arm_up=rng.random() < 0.5)
+    return image, np.asarray(segmap, dtype=np.int32)
+
+
 def sample_id(index: int) -> str:
     return f"{index:08d}"
 
@@ -202,10 +217,20 @@ def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size
     ids = []
     for index in tqdm(range(num_samples), desc="rendering synthetic FFHQ-wild", disable=num_samples < 200):
         count = 2 if rng.random() < two_subject_fraction else 1
-        image, seg, annotation = render_scene(rng, [Identity.sample(rng) for _ in range(count)], size=size)
+        identities = [Identity.sample(rng) for _ in range(count)]
+        image, seg, annotation = render_scene(rng, identities, size=size)
         image_id = sample_id(index)
         folder = sample_dir(staging, image_id)
         folder.mkdir(exist_ok=True)
+        # Reference renders draw from their own generator, so the scenes do not depend on them.
+        reference_rng = random.Random(seed * 1_000_003 + index)
+        for segment in annotation["segments"]:
+            if segment["coco_label"] == "person":
+                slot = segment["id"] - 10
+                reference, reference_seg = render_reference(reference_rng, identities[slot], size=size)
+                segment["reference"] = f"{image_id}_ref{slot}"
+                reference.save(folder / f"{segment['reference']}.jpg", quality=95)
+                np.save(folder / f"{segment['reference']}.npy", reference_seg)
         image.save(folder / f"{image_id}.jpg", quality=95)
         np.save(folder / f"{image_id}.npy", seg)
         (folder / f"{image_id}.json").write_text(json.dumps(annotation))
