@@ -33,8 +33,10 @@ def test_experiment_composes_and_instantiates(experiment, compose_cfg):
         assert experiment.startswith("synth_")
         return
     variant = module.model.moa_config.variant
-    assert variant == ("no_moa" if experiment == "ablation_no_moa" else "moa")
-    assert module.model.spacetime == (experiment != "ablation_no_spacetime")
+    assert variant == ("no_moa" if experiment.endswith("no_moa") else "moa")
+    assert module.model.spacetime == (not experiment.endswith("no_spacetime"))
+    if experiment.startswith("synth_"):
+        assert datamodule.subject_source == "reference"
 
 
 def test_paper_settings_in_moa_sd15(compose_cfg):
