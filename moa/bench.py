@@ -69,9 +69,9 @@ def _subject_inputs(unet, prompt_encoder, batch: int, subjects: int, device: str
 
 def train_step_variant(variant: str, settings: dict) -> dict:
     """Time and peak memory of one optimizer step for ``variant`` (run in its own process on CPU)."""
+    from moa.inputs import MoAInputs
     from moa.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss
     from moa.prompt import MultimodalPromptEncoder, personalize_text
-    from moa.inputs import MoAInputs
     from moa.unet import MoAConfig, install_moa, loss_layer_names
 
     device, dtype = settings["device"], getattr(torch, settings["dtype"])

@@ -1,4 +1,4 @@
-"""Shared pieces of the Hydra entry points: logging set-up, instantiation helpers, run bookkeeping."""
+"""Shared pieces of the Hydra entry points: instantiation helpers and run bookkeeping (checkpoint choice, wandb id)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-
 
 log = logging.getLogger(__name__)
 

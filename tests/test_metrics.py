@@ -7,8 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from moa.metrics import (RANDOM_WEIGHTS_LABEL, Disentanglement, IdentityPreservation, LayoutDiversity,
-                         PromptConsistency, subject_region)
+from moa.metrics import (
+    RANDOM_WEIGHTS_LABEL,
+    Disentanglement,
+    IdentityPreservation,
+    LayoutDiversity,
+    PromptConsistency,
+    subject_region,
+)
 from moa.protocol import load_protocol
 
 

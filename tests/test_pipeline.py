@@ -7,8 +7,14 @@ from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionM
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from moa.applications import (consistent_characters, ddim_invert, morph, real_image_subject_swap, subject_swap,
-                              time_lapse)
+from moa.applications import (
+    consistent_characters,
+    ddim_invert,
+    morph,
+    real_image_subject_swap,
+    subject_swap,
+    time_lapse,
+)
 from moa.model import EXPORT_WEIGHTS, MoAModel
 from moa.pipeline import MoAPipeline, Subject
 from moa.protocol import load_protocol

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import CLIPTokenizer
 
-from moa.data.ffhq import FFHQWildDataset
 from moa.checks import check_pretrained_path
+from moa.data.ffhq import FFHQWildDataset
 from moa.model import SubjectImageSpec, tokenizer_source
 
 log = logging.getLogger(__name__)
