@@ -94,6 +94,13 @@ class MoAPipeline(StableDiffusionPipeline):
         return cls.from_moa_model(MoAModel.from_pretrained(base_model, image_encoder, moa_weights=moa_weights),
                                   scheduler=scheduler)
 
+    def to(self, *args, **kwargs) -> MoAPipeline:
+        """Like ``DiffusionPipeline.to``, and the multimodal prompt encoder follows the U-Net (it is
+        not a registered pipeline component, so diffusers would leave it behind)."""
+        super().to(*args, **kwargs)
+        self.moa.prompt_encoder.to(device=self.unet.device, dtype=self.unet.dtype)
+        return self
+
     # ---- inputs ----------------------------------------------------------------------------------
 
     def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:

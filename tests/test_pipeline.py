@@ -232,3 +232,12 @@ def test_generate_command_writes_images_and_a_reproducible_record(pipe, tmp_path
                        generator=[torch.Generator().manual_seed(3)]).images[0]
     written = Image.open(tmp_path / "out" / "0000_seed3.png")
     assert np.abs(np.asarray(regenerated, dtype=int) - np.asarray(written, dtype=int)).max() <= 1
+
+
+def test_moving_the_pipeline_moves_the_prompt_encoder_too(tiny_dir, faces):
+    model = MoAModel.from_pretrained(tiny_dir / "stable-diffusion", tiny_dir / "clip").eval()
+    pipe = MoAPipeline.from_moa_model(model).to(dtype=torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    assert next(model.prompt_encoder.parameters()).dtype == torch.float64
+    out = pipe("a man in a park", [Subject(faces[0], "man")], num_inference_steps=2, output_type="np")
+    assert np.isfinite(_np(out)).all()
