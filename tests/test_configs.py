@@ -47,3 +47,10 @@ def test_paper_settings_in_moa_sd15(compose_cfg):
     assert cfg.model.max_timestep == 800 and cfg.model.condition_dropout == 0.1
     assert cfg.model.model.moa_config.loss_skip_first_blocks == 2
     assert cfg.model.model.moa_config.loss_skip_last_blocks == 3
+
+
+def test_debug_config_shortens_a_run(compose_cfg):
+    cfg = compose_cfg("debug=fast")
+    assert cfg.trainer.max_steps == 3 and cfg.callbacks.model_checkpoint.every_n_train_steps == 3
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks), logger=False)
+    assert trainer.max_steps == 3
