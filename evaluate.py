@@ -216,15 +216,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("metrics.identity.weights is not set: give facenet-pytorch's VGGFace2 weights file, "
                          "'download', or metrics.identity.allow_random_weights=true for a test-only run")
 
-    import diffusers
+    from moa.pipeline import MoAPipeline, scheduler_from_name
 
-    from moa.pipeline import MoAPipeline
-
-    scheduler_class = getattr(diffusers, cfg.scheduler, None)
-    if scheduler_class is None:
-        raise ValueError(f"scheduler={cfg.scheduler!r}: not a diffusers scheduler class")
     model = load_model(cfg)
-    pipe = MoAPipeline.from_moa_model(model, scheduler=scheduler_class.from_config(model.noise_scheduler.config))
+    pipe = MoAPipeline.from_moa_model(model, scheduler=scheduler_from_name(cfg.scheduler, model.noise_scheduler.config))
     pipe.to(cfg.device)
     pipe.set_progress_bar_config(disable=True)
     generate_grid(cfg, pipe, protocol, subjects, prompts, out_dir)

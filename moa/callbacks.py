@@ -102,6 +102,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.signum = getattr(signal, signal_name)
         self.check_every_n_steps = check_every_n_steps
         self._received = False
+        self._frame = None
         self._previous = None
 
     def _handler(self, signum, frame) -> None:
@@ -133,5 +134,5 @@ class PreemptionCheckpoint(pl.Callback):
         previous, self._previous = self._previous, None
         signal.signal(self.signum, previous if previous is not None else signal.SIG_DFL)
         if callable(previous):
-            previous(self.signum, getattr(self, "_frame", None))
+            previous(self.signum, self._frame)
         trainer.should_stop = True

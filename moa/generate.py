@@ -37,18 +37,14 @@ def file_digest(path: str | Path) -> str | None:
 
 def generate(cfg: DictConfig) -> list[dict]:
     """Generate every request of ``cfg``; returns the records written to ``generation.json``."""
-    import diffusers
     import torch
 
     from moa.checks import check_pretrained_path
     from moa.model import EXPORT_WEIGHTS, MoAModel
-    from moa.pipeline import MoAPipeline, Subject
+    from moa.pipeline import MoAPipeline, Subject, scheduler_from_name
     from moa.visualize import router_map_figure
 
     check_pretrained_path(cfg.moa_weights, option="moa_weights", expect="a folder written by train.py's export")
-    scheduler_class = getattr(diffusers, cfg.scheduler, None)
-    if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
-        raise ValueError(f"scheduler={cfg.scheduler!r}: not a diffusers scheduler class")
     requests = OmegaConf.to_container(cfg.requests, resolve=True)
     for index, request in enumerate(requests):
         for subject in request.get("subjects") or []:
@@ -57,7 +53,7 @@ def generate(cfg: DictConfig) -> list[dict]:
 
     model = MoAModel.from_pretrained(cfg.base_model, cfg.image_encoder, moa_weights=cfg.moa_weights,
                                      base_model_config=cfg.base_model_config)
-    pipe = MoAPipeline.from_moa_model(model, scheduler=scheduler_class.from_config(model.noise_scheduler.config))
+    pipe = MoAPipeline.from_moa_model(model, scheduler=scheduler_from_name(cfg.scheduler, model.noise_scheduler.config))
     pipe.to(cfg.device)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

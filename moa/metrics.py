@@ -31,8 +31,9 @@ RANDOM_WEIGHTS_LABEL = "RANDOM WEIGHTS (test-only: identity scores are meaningle
 
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL images -> (n, 3, H, W) float in [0, 1]."""
-    return torch.stack([torch.from_numpy(np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-                        for i in images])
+    from moa.data.ffhq import image_to_tensor
+
+    return torch.stack([image_to_tensor(i.convert("RGB")) for i in images])
 
 
 class IdentityPreservation(Metric):

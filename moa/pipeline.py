@@ -17,7 +17,7 @@ from diffusers import ControlNetModel, StableDiffusionPipeline, UniPCMultistepSc
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, UnidentifiedImageError
 
-from moa.data.ffhq import subject_crop
+from moa.data.ffhq import image_to_tensor, subject_crop
 from moa.inputs import MoAInputs
 from moa.model import MoAModel, SubjectImageSpec
 from moa.subjects import MAX_SUBJECTS, SubjectBindingError, token_positions, word_ends
@@ -63,9 +63,20 @@ def load_subject_image(image: str | os.PathLike | Image.Image) -> Image.Image:
 def subject_pixels(subject: Subject, spec: SubjectImageSpec) -> torch.Tensor:
     """The image encoder's input for one subject: (3, size, size), normalised."""
     image = load_subject_image(subject.image)
-    tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    tensor = image_to_tensor(image)
     mask = torch.ones(tensor.shape[1:]) if subject.mask is None else torch.as_tensor(subject.mask).float()
     return subject_crop(tensor, mask, [0, 0, tensor.shape[2], tensor.shape[1]], spec)
+
+
+def scheduler_from_name(name: str, config):
+    """Any diffusers scheduler class by name (``UniPCMultistepScheduler``, ``DDIMScheduler``, ...),
+    built from ``config`` (the base model's training schedule)."""
+    import diffusers
+
+    scheduler_class = getattr(diffusers, name, None)
+    if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+        raise ValueError(f"scheduler={name!r}: not a diffusers scheduler class")
+    return scheduler_class.from_config(config)
 
 
 class MoAPipeline(StableDiffusionPipeline):

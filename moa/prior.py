@@ -24,14 +24,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from moa.checks import check_pretrained_path
+from moa.training import empty_caption_ids, step_generator
 
 log = logging.getLogger(__name__)
-
-
-def _step_generator(module: pl.LightningModule, seed: int) -> torch.Generator:
-    generator = torch.Generator(device=module.device)
-    generator.manual_seed((seed * 1_000_003 + module.global_step) * 4099 + module.global_rank)
-    return generator
 
 
 class VAELitModule(pl.LightningModule):
@@ -60,7 +55,7 @@ class VAELitModule(pl.LightningModule):
         pixels = batch["pixel_values"]
         posterior = self.vae.encode(pixels).latent_dist
         self.latent_std.mul_(0.98).add_(0.02 * posterior.mean.detach().std())
-        reconstruction = self.vae.decode(posterior.sample(_step_generator(self, self.seed))).sample
+        reconstruction = self.vae.decode(posterior.sample(step_generator(self, self.seed))).sample
         mse = F.mse_loss(reconstruction, pixels)
         kl = posterior.kl().mean() / pixels[0].numel()
         loss = mse + self.kl_weight * kl
@@ -96,9 +91,7 @@ class PriorLitModule(pl.LightningModule):
         self.vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae").requires_grad_(False).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer")
         self.noise_scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
-        empty = self.tokenizer("", max_length=self.tokenizer.model_max_length, padding="max_length",
-                               truncation=True, return_tensors="pt").input_ids[0]
-        self.register_buffer("empty_input_ids", empty, persistent=False)
+        self.register_buffer("empty_input_ids", empty_caption_ids(self.tokenizer), persistent=False)
         self.save_hyperparameters({"caption_dropout": caption_dropout, "seed": seed})
 
     def train(self, mode: bool = True):
@@ -110,7 +103,7 @@ class PriorLitModule(pl.LightningModule):
         return self.optimizer_factory([*self.unet.parameters(), *self.text_encoder.parameters()])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        generator = _step_generator(self, self.seed)
+        generator = step_generator(self, self.seed)
         pixels = batch["pixel_values"]
         with torch.no_grad():
             latents = self.vae.encode(pixels).latent_dist.sample(generator) * self.vae.config.scaling_factor

@@ -19,6 +19,20 @@ from moa.unet import loss_layer_names
 log = logging.getLogger(__name__)
 
 
+def step_generator(module: pl.LightningModule, seed: int) -> torch.Generator:
+    """All of a training step's randomness, seeded by (seed, global step, rank): a resumed run
+    draws exactly what an uninterrupted one would have."""
+    generator = torch.Generator(device=module.device)
+    generator.manual_seed((seed * 1_000_003 + module.global_step) * 4099 + module.global_rank)
+    return generator
+
+
+def empty_caption_ids(tokenizer) -> torch.Tensor:
+    """(tokens,) ids of the empty caption, used where the condition is dropped."""
+    return tokenizer("", max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                     return_tensors="pt").input_ids[0]
+
+
 class MoALitModule(pl.LightningModule):
     """Trains the personalized experts, routers and multimodal prompt encoder; everything else is frozen.
 
@@ -64,9 +78,7 @@ class MoALitModule(pl.LightningModule):
             model.unet.to(memory_format=torch.channels_last)
         if compile_unet:
             model.unet.compile()
-        empty = model.tokenizer("", max_length=model.tokenizer.model_max_length, padding="max_length",
-                                truncation=True, return_tensors="pt").input_ids[0]
-        self.register_buffer("empty_input_ids", empty, persistent=False)
+        self.register_buffer("empty_input_ids", empty_caption_ids(model.tokenizer), persistent=False)
         self.strict_loading = False  # checkpoints hold only the trainable state
 
     def export(self, out_dir: str | os.PathLike) -> Path:
@@ -105,13 +117,8 @@ class MoALitModule(pl.LightningModule):
 
     # ---- the step --------------------------------------------------------------------------------
 
-    def _step_generator(self) -> torch.Generator:
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed((self.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank)
-        return generator
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        losses, stats = self.compute_losses(batch, self._step_generator())
+        losses, stats = self.compute_losses(batch, step_generator(self, self.seed))
         for name, value in {**losses, **stats}.items():
             # No prog_bar: the progress bar would read the value back from the device every step.
             self.log(f"train/{name}", value, batch_size=batch["pixel_values"].shape[0])

@@ -116,7 +116,8 @@ def read_raw_sample(store, image_id: str) -> RawSample:
     return RawSample(image=image, segments=segments, caption=caption, subjects=subjects)
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float in [0, 1]."""
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
 
@@ -220,7 +221,7 @@ class FFHQWildDataset(Dataset):
                                      "(data.subject_source=reference needs SynthWorld data)")
         try:
             with Image.open(io.BytesIO(self.store.read(reference_id, "jpg"))) as opened:
-                reference = _to_tensor(opened.convert("RGB"))
+                reference = image_to_tensor(opened.convert("RGB"))
             mask = torch.from_numpy(np.load(io.BytesIO(self.store.read(reference_id, "npy"))) > 0).float()
         except (OSError, ValueError) as error:
             raise CorruptSampleError(f"{image_id}: unreadable reference render {reference_id} ({error})") from error
@@ -246,7 +247,7 @@ class FFHQWildDataset(Dataset):
         if not kept:
             raise CorruptSampleError(f"{image_id}: every subject word lies beyond the tokenizer's length")
 
-        image = _to_tensor(raw.image)
+        image = image_to_tensor(raw.image)
         segments = torch.from_numpy(raw.segments.astype(np.int64))
         size, n = self.resolution, self.max_subjects
         subject_pixels = torch.zeros(n, 3, self.spec.size, self.spec.size)
