@@ -6,7 +6,8 @@
 Parts:
 - train: one optimizer step of an SD1.5-shape U-Net (random weights) as (a) MoA with a frozen prior,
   (b) the plain U-Net with only its attention projections trainable, (c) the whole U-Net trainable
-  (FastComposer-style). Time per step and peak memory (GPU: max allocated; CPU: the peak resident
+  (FastComposer-style), and (d) MoA with the denoising loss alone (no router/object-loss maps), which
+  says how much of (a)'s cost the map losses are. Time per step and peak memory (GPU: max allocated; CPU: the peak resident
   set of a fresh process per variant).
 - sample: time per denoising step (classifier-free guidance, batch 1) of the MoA U-Net with 1 and 2
   subjects and prior-only, against the plain U-Net.
@@ -36,7 +37,7 @@ import torch
 log = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).with_name("bench_results.json")
-TRAIN_VARIANTS = ("moa", "attention_only", "full")
+TRAIN_VARIANTS = ("moa", "attention_only", "full", "moa_without_map_losses")
 
 
 def _device_settings() -> dict:
@@ -78,11 +79,12 @@ def train_step_variant(variant: str, settings: dict) -> dict:
     unet = _sd15_unet(device, torch.float32)
     batch, size = settings["train_batch"], settings["latent"]
     prompt_encoder = None
-    if variant == "moa":
+    is_moa = variant.startswith("moa")
+    if is_moa:
         trainable = install_moa(unet)
         prompt_encoder = MultimodalPromptEncoder(image_dim=768, text_dim=768).to(device)
         trainable += list(prompt_encoder.parameters())
-        layers = loss_layer_names(unet, MoAConfig())
+        layers = loss_layer_names(unet, MoAConfig()) if variant == "moa" else []
     elif variant == "attention_only":
         unet.requires_grad_(False)
         trainable = [p for n, p in unet.named_parameters() if any(f".{k}." in n for k in ("to_q", "to_k", "to_v", "to_out"))]
@@ -102,7 +104,7 @@ def train_step_variant(variant: str, settings: dict) -> dict:
     def step():
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
             kwargs = {}
-            if variant == "moa":
+            if is_moa:
                 words = torch.gather(text, 1, token_index[..., None].expand(-1, -1, 768))
                 condition = personalize_text(text, prompt_encoder(features, words, timesteps), token_index, valid)
                 moa = MoAInputs(personalized_condition=condition, subject_token_index=token_index,
@@ -147,8 +149,9 @@ def bench_train(settings: dict) -> dict:
                                  capture_output=True, text=True, check=True)
             results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         log.info("train %s: %s", variant, results[variant])
-    a, b, c = (results[v] for v in TRAIN_VARIANTS)
+    a, b, c, d = (results[v] for v in TRAIN_VARIANTS)
     results["moa_vs_attention_only_step_ratio"] = a["step_seconds"] / b["step_seconds"]
+    results["moa_without_map_losses_vs_attention_only_step_ratio"] = d["step_seconds"] / b["step_seconds"]
     results["moa_vs_full_peak_memory_ratio"] = a["peak_memory_gib"] / c["peak_memory_gib"]
     results["moa_vs_full_step_ratio"] = a["step_seconds"] / c["step_seconds"]
     return results
@@ -176,14 +179,13 @@ def bench_sample(settings: dict) -> dict:
     from moa.unet import install_moa
 
     device, dtype = settings["device"], getattr(torch, settings["dtype"])
-    unet = _sd15_unet(device, dtype).eval()
+    plain_unet = _sd15_unet(device, dtype).eval()
+    unet = _sd15_unet(device, dtype).eval()  # same seed: the same weights, MoA installed below
     size = settings["latent"]
     latents = torch.randn(2, 4, size, size, device=device, dtype=dtype)
     text = torch.randn(2, 77, 768, device=device, dtype=dtype)
     timestep = torch.tensor(500, device=device)
-    plain_processors = dict(unet.attn_processors)
     install_moa(unet)
-    moa_processors = dict(unet.attn_processors)
     encoder = MultimodalPromptEncoder(image_dim=768, text_dim=768).to(device=device, dtype=dtype).eval()
 
     def with_subjects(subjects: int):
@@ -198,12 +200,7 @@ def bench_sample(settings: dict) -> dict:
             unet(latents, timestep, text, cross_attention_kwargs={"moa": MoAInputs(personalized_condition=condition)})
         return run
 
-    def plain():
-        unet.set_attn_processor(dict(plain_processors))
-        unet(latents, timestep, text)
-        unet.set_attn_processor(dict(moa_processors))
-
-    runs = {"plain": plain,
+    runs = {"plain": lambda: plain_unet(latents, timestep, text),
             "moa_prior_only": lambda: unet(latents, timestep, text,
                                            cross_attention_kwargs={"moa": MoAInputs(prior_only=True)}),
             "moa_1_subject": with_subjects(1), "moa_2_subject": with_subjects(2)}
