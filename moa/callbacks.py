@@ -52,7 +52,7 @@ class SampleImagesCallback(pl.Callback):
         pipe = MoAPipeline.from_moa_model(pl_module.model)
         pipe.set_progress_bar_config(disable=True)
         spec = pl_module.model.subject_image_spec
-        rows, labels = [], []
+        rows, labels, router = [], [], None
         for index in range(min(self.num_samples, len(dataset))):
             sample = dataset[index]
             prepared = {k: sample[k][None] for k in ("subject_pixel_values", "subject_token_index", "subject_valid")}
@@ -67,19 +67,21 @@ class SampleImagesCallback(pl.Callback):
                           zip(sample["subject_pixel_values"], sample["subject_valid"]) if v]
             rows.append([outputs["prior"].images[0], outputs["moa"].images[0], *references])
             labels.append(caption[:14])
-            if index == 0:
+            if index == 0 and outputs["moa"].router_maps:  # the no_moa ablation has no router
                 latent = (pipe.unet.config.sample_size, pipe.unet.config.sample_size)
                 router = router_map_figure(outputs["moa"].router_maps, latent_size=latent,
                                            title=f"prior weight R0, step {step}: {caption}")
         grid = image_grid(rows, labels)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         grid.save(self.out_dir / f"samples_step{step:07d}.png")
-        router.save(self.out_dir / f"router_maps_step{step:07d}.png")
+        if router is not None:
+            router.save(self.out_dir / f"router_maps_step{step:07d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples/prior_vs_moa", [grid], step=step,
                                  caption=["columns: prior-only | MoA | subject(s)"])
-                logger.log_image("samples/router_maps", [router], step=step)
+                if router is not None:
+                    logger.log_image("samples/router_maps", [router], step=step)
         log.info("wrote samples and router maps for step %d to %s", step, self.out_dir)
 
 
