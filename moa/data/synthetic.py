@@ -151,20 +151,8 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int) -
         canvas.ellipse((ox - obj_r * 0.6, oy - obj_r, ox + obj_r * 0.6, oy - obj_r * 0.1), fill=colour)
         labels.ellipse((ox - obj_r * 0.6, oy - obj_r, ox + obj_r * 0.6, oy - obj_r * 0.1), fill=20)
 
-    # Caption, keeping the character index where each noun phrase ends (FastComposer's "end").
-    parts, ends = [], {}
-    for index, identity in enumerate(identities):
-        if index:
-            parts.append(" and ")
-        parts.append(f"a {identity.word}")
-        ends[10 + index] = len("".join(parts))
-    parts.append(" holding " if holds else " next to ")
-    parts.append(f"a {obj_colour} {obj}")
-    ends[20] = len("".join(parts))
-    parts.append(f" {place}")
-    caption = "".join(parts)
-    ends[1] = len(caption)
-
+    context = {"place": place, "object": obj, "object_colour": obj_colour, "holding": holds}
+    caption, ends = compose_caption([identity.word for identity in identities], context)
     seg = np.asarray(segmap, dtype=np.int32)
     segments = []
     words = {10 + i: identity.word for i, identity in enumerate(identities)} | {20: obj, 1: place.split()[-1]}
@@ -176,9 +164,27 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int) -
         segments.append({"id": int(segment_id), "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                          "end": ends[segment_id], "coco_label": coco[segment_id], "word": words[segment_id]})
     annotation = {"caption": caption, "segments": segments,
-                  "identities": [identity.__dict__ for identity in identities], "context": {"place": place, "object": obj,
-                                                                                        "object_colour": obj_colour, "holding": holds}}
+                  "identities": [identity.__dict__ for identity in identities], "context": context}
     return image, seg, annotation
+
+
+def compose_caption(words: list[str], context: dict) -> tuple[str, dict[int, int]]:
+    """The world's caption for people called ``words`` in ``context`` (keys place, object,
+    object_colour, holding), and the character index where each noun phrase ends (FastComposer's
+    "end"), by segment id: people 10, 11, ..., the object 20, the place 1."""
+    parts, ends = [], {}
+    for index, word in enumerate(words):
+        if index:
+            parts.append(" and ")
+        parts.append(f"a {word}")
+        ends[10 + index] = len("".join(parts))
+    parts.append(" holding " if context["holding"] else " next to ")
+    parts.append(f"a {context['object_colour']} {context['object']}")
+    ends[20] = len("".join(parts))
+    parts.append(f" {context['place']}")
+    caption = "".join(parts)
+    ends[1] = len(caption)
+    return caption, ends
 
 
 STUDIO_BACKGROUNDS = ((128, 128, 128), (70, 90, 140), (230, 230, 225), (150, 120, 160))
