@@ -27,7 +27,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moa.data.ffhq import FolderStore, image_to_tensor, read_raw_sample
-from moa.data.synthetic import BACKGROUNDS, HAIR_COLOUR, HAIR_STYLE, OBJECT_COLOUR, OBJECTS, SHIRT_COLOUR, SHIRT_PATTERN, SKIN, WORDS
+from moa.data.synthetic import (
+    BACKGROUNDS,
+    HAIR_COLOUR,
+    HAIR_STYLE,
+    OBJECT_COLOUR,
+    OBJECTS,
+    SHIRT_COLOUR,
+    SHIRT_PATTERN,
+    SKIN,
+    WORDS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +136,13 @@ class WorldLabels:
 
     scenes (n, 3, H, W) in [0, 1]; person_masks (n, 1, H, W) {0, 1}; context (n, 4) class indices
     (order of ``CONTEXT``); crops (m, 3, 32, 32) of every person, from the scene and from their
-    reference render; attributes (m, 6) class indices (order of ``ATTRIBUTES``).
+    reference render; attributes (m, 6) class indices (order of ``ATTRIBUTES``); scene_people: for
+    each crop cut from a scene, (crop index, scene index, that person's mask (H, W)).
     """
 
     def __init__(self, root: str | os.PathLike, split: str):
         store = FolderStore(root)
-        scenes, masks, context, crops, attributes = [], [], [], [], []
+        scenes, masks, context, crops, attributes, self.scene_people = [], [], [], [], [], []
         for image_id in store.split(split):
             raw = read_raw_sample(store, image_id)
             annotation = json.loads(store.read(image_id, "json"))
@@ -142,7 +153,9 @@ class WorldLabels:
             context.append(_labels(annotation["context"], CONTEXT))
             for segment in raw.subjects:
                 identity = annotation["identities"][segment["id"] - PERSON_SEGMENTS.start]
-                crops.append(square_crop(image, (segments == segment["id"]).float()))
+                person = (segments == segment["id"]).float()
+                self.scene_people.append((len(crops), len(scenes) - 1, person))
+                crops.append(square_crop(image, person))
                 attributes.append(_labels(identity, ATTRIBUTES))
                 if segment.get("reference"):
                     reference = image_to_tensor(Image.open(store.root / image_id[:5] / f"{segment['reference']}.jpg"))

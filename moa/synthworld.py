@@ -13,13 +13,14 @@ the reproduction. Writes ``results.md``, ``results.json``, ``timings.json`` and 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import random
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,10 +138,8 @@ def test_contexts(count: int, seed: int) -> list[dict]:
     """``count`` distinct contexts (place, object, colour, holding), drawn reproducibly."""
     from moa.judges import CONTEXT
 
-    rng = random.Random(seed)
-    every = [dict(zip(CONTEXT, values)) for values in
-             __import__("itertools").product(*CONTEXT.values())]
-    return rng.sample(every, count)
+    every = [dict(zip(CONTEXT, values)) for values in itertools.product(*CONTEXT.values())]
+    return random.Random(seed).sample(every, count)
 
 
 def dilate(masks, pixels: int):
@@ -150,38 +149,46 @@ def dilate(masks, pixels: int):
     return F.max_pool2d(masks, 2 * pixels + 1, stride=1, padding=pixels) if pixels else masks
 
 
-def generate_variant(pipe, subjects, contexts, seeds, cfg) -> dict:
-    """Every (context, seed) x every subject of the word, plus the prior-only image of each prompt.
-
-    Returns {"prior": {(word, c, seed): image}, "subject": {(word, i, c, seed): image}, "router": maps
-    of the first batch} with images as (3, H, W) tensors in [0, 1].
-    """
+def _generate(pipe, prompts: list[str], subject_lists, seed: int, cfg, record: bool = False):
+    """One batch, every image from its own generator seeded with ``seed`` (so a prompt's prior-only
+    and personalized images share their starting noise) -> ((n, 3, H, W) in [0, 1], router maps)."""
     import torch
+
+    generators = [torch.Generator().manual_seed(seed) for _ in prompts]
+    output = pipe(prompts, subject_lists, num_inference_steps=cfg.eval.num_inference_steps,
+                  guidance_scale=cfg.eval.guidance_scale, generator=generators, output_type="pt",
+                  record_router_maps=record)
+    return output.images.float().cpu(), output.router_maps
+
+
+def generate_prior(pipe, words, contexts, seeds, cfg) -> dict:
+    """The prior's own image of every (word, context, seed) prompt: {(word, c, seed): (3, H, W)}."""
+    from moa.data.synthetic import compose_caption
+
+    return {(word, c, seed): _generate(pipe, [compose_caption([word], contexts[c])[0]], None, seed, cfg)[0][0]
+            for word in words for c in range(len(contexts)) for seed in seeds}
+
+
+def generate_subjects(pipe, subjects, contexts, seeds, cfg) -> tuple[dict, dict]:
+    """Every subject of each word in every (context, seed) prompt: ({(word, i, c, seed): (3, H, W)},
+    the router maps and caption of the first batch)."""
     from tqdm import tqdm
 
     from moa.data.synthetic import compose_caption
     from moa.pipeline import Subject
 
-    def run(prompts, subject_lists, seed, record):
-        generators = [torch.Generator().manual_seed(seed) for _ in prompts]
-        output = pipe(prompts, subject_lists, num_inference_steps=cfg.eval.num_inference_steps,
-                      guidance_scale=cfg.eval.guidance_scale, generator=generators, output_type="pt",
-                      record_router_maps=record)
-        return output.images.float().cpu(), output.router_maps
-
-    images = {"prior": {}, "subject": {}, "router": None}
+    images, router = {}, {}
     jobs = [(word, c, seed) for word in subjects for c in range(len(contexts)) for seed in seeds]
     for word, c, seed in tqdm(jobs, desc="generating", leave=False):
         caption, _ = compose_caption([word], contexts[c])
         people = subjects[word]
         subject_lists = [[Subject(s.reference, word, mask=_load_mask(s.reference_mask))] for s in people]
-        batch, router = run([caption] * len(people), subject_lists, seed, images["router"] is None)
-        if images["router"] is None:
-            images["router"] = {"maps": router, "caption": caption, "image": batch[0]}
+        batch, maps = _generate(pipe, [caption] * len(people), subject_lists, seed, cfg, record=not router)
+        if not router:
+            router = {"maps": maps, "caption": caption}
         for i, image in enumerate(batch):
-            images["subject"][(word, i, c, seed)] = image
-        images["prior"][(word, c, seed)] = run([caption], None, seed, False)[0][0]
-    return images
+            images[(word, i, c, seed)] = image
+    return images, router
 
 
 def _load_mask(path: Path):
@@ -191,7 +198,8 @@ def _load_mask(path: Path):
 
 
 def score_variant(images: dict, subjects, contexts, judges, cfg) -> dict:
-    """Identity, context and disentanglement of one variant's images, judged."""
+    """Identity, context and disentanglement of one variant's images, judged. images: {"subject":
+    generate_subjects' images, "prior": generate_prior's}."""
     import torch
 
     from moa.judges import ATTRIBUTES, CONTEXT, IDENTITY_ATTRIBUTES
@@ -223,6 +231,10 @@ def score_variant(images: dict, subjects, contexts, judges, cfg) -> dict:
         "context_accuracy": context_hits(images["subject"], lambda k: k[2]).mean().item(),
         "context_accuracy_per_factor": dict(zip(CONTEXT, context_hits(images["subject"], lambda k: k[2]).mean(0).tolist())),
         "prior_context_accuracy": context_hits(images["prior"], lambda k: k[1]).mean().item(),
+        # judged decisions behind each accuracy, for its standard error
+        "identity_decisions": subject_hits.numel(),
+        "context_decisions": len(images["subject"]) * len(CONTEXT),
+        "prior_context_decisions": len(images["prior"]) * len(CONTEXT),
     }
 
     # Swap subject i for subject i+1 (same word, prompt and seed), and subject vs prior-only.
@@ -252,33 +264,28 @@ def chance_identity_accuracy() -> float:
 
 
 def judge_calibration(judges, world: Path, prior: str) -> dict:
-    """The judges on held-out renders, and on the prior VAE's reconstructions of them: the best any
-    generation decoded by that VAE could score."""
+    """The judges on held-out renders, and on the prior VAE's reconstructions of the same scenes (people
+    re-cut from the reconstructions at their true masks): the most any generation decoded by that VAE
+    could score."""
     import torch
     from diffusers import AutoencoderKL
 
-    from moa.judges import WorldLabels
+    from moa.judges import WorldLabels, square_crop
 
     test = WorldLabels(world, "test")
+    renders = judges.accuracy_on(test)
     vae = AutoencoderKL.from_pretrained(prior, subfolder="vae").eval()
     with torch.no_grad():
-        reconstructed = (vae.decode(vae.encode(test.scenes * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
-    renders = judges.accuracy_on(test)
-    test.scenes = reconstructed
-    # Crops are re-cut from the reconstructions at the true masks, so only the VAE differs.
-    from moa.judges import square_crop
-
-    people = [square_crop(scene, mask[0]) for scene, mask in zip(reconstructed, test.person_masks)]
-    through_vae = {k: v for k, v in judges.accuracy_on(test).items() if not k.startswith("attribute/")}
-    through_vae["scene_reads_of_people"] = len(people)
-    return {"renders": renders, "vae_reconstructions": through_vae}
+        test.scenes = (vae.decode(vae.encode(test.scenes * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    crop_index = [c for c, _, _ in test.scene_people]
+    test.crops = torch.stack([square_crop(test.scenes[s], mask) for _, s, mask in test.scene_people])
+    test.attributes = test.attributes[crop_index]
+    return {"renders": renders, "vae_reconstructions": judges.accuracy_on(test)}
 
 
 def evaluate(cfg: DictConfig, out: Path, world: Path, prior: str, image_encoder: str, weights: dict[str, Path],
              judges) -> dict:
     """Generate and judge every variant; write figures and return the results."""
-    import torch
-
     from moa.model import MoAModel
     from moa.pipeline import MoAPipeline, scheduler_from_name
 
@@ -289,16 +296,61 @@ def evaluate(cfg: DictConfig, out: Path, world: Path, prior: str, image_encoder:
                "protocol": {"subjects": {w: [s.image_id for s in people] for w, people in subjects.items()},
                             "contexts": contexts, "seeds": seeds, "num_inference_steps": cfg.eval.num_inference_steps,
                             "guidance_scale": cfg.eval.guidance_scale, "scheduler": cfg.eval.scheduler}}
+    prior_images = None
     for variant, moa_weights in weights.items():
         model = MoAModel.from_pretrained(prior, image_encoder, moa_weights=moa_weights)
         pipe = MoAPipeline.from_moa_model(model, scheduler_from_name(cfg.eval.scheduler, model.noise_scheduler.config))
         pipe.set_progress_bar_config(disable=True)
-        torch.manual_seed(cfg.seed)
-        images = generate_variant(pipe, subjects, contexts, seeds, cfg)
-        results["variants"][variant] = score_variant(images, subjects, contexts, judges, cfg)
+        if prior_images is None:  # without subjects every variant is the same prior, exactly
+            prior_images = generate_prior(pipe, list(subjects), contexts, seeds, cfg)
+            results["prior_sensitivity"] = prior_sensitivity(prior_images)
+        subject_images, router = generate_subjects(pipe, subjects, contexts, seeds, cfg)
+        images = {"subject": subject_images, "prior": prior_images, "router": router}
+        results["variants"][variant] = {**score_variant(images, subjects, contexts, judges, cfg),
+                                        "training": training_summary(Path(moa_weights).parent)}
         write_figures(out, variant, images, subjects, contexts, seeds, pipe.vae_scale_factor)
         log.info("%s: %s", variant, json.dumps(results["variants"][variant]))
     return results
+
+
+def prior_sensitivity(prior_images: dict) -> dict:
+    """How much the prior's image changes (mean abs pixel difference, same seed) when the prompt's
+    person word changes ("man" -> "woman") and when its context changes. A prior that ignores the
+    word gives the personalized experts, copied from it, no path from the subject's token to the image.
+
+    prior_images: {(word, context index, seed): (3, H, W)} as from ``generate_prior``.
+    """
+    words = sorted({word for word, _, _ in prior_images})
+    contexts = sorted({c for _, c, _ in prior_images})
+    word_pairs, context_pairs = [], []
+    for word, c, seed in prior_images:
+        if len(words) > 1 and word == words[0]:
+            word_pairs.append(((word, c, seed), (words[1], c, seed)))
+        if len(contexts) > 1:
+            context_pairs.append(((word, c, seed), (word, contexts[(contexts.index(c) + 1) % len(contexts)], seed)))
+
+    def mean_change(pairs) -> float:
+        changes = [(prior_images[a] - prior_images[b]).abs().mean().item() for a, b in pairs]
+        return sum(changes) / len(changes) if changes else float("nan")
+
+    return {"word_change_mae": mean_change(word_pairs), "context_change_mae": mean_change(context_pairs)}
+
+
+def training_summary(run_dir: Path, last: int = 50) -> dict:
+    """Means over the last ``last`` logged steps of a stage-2 run's CSV log: loss and the router's mean
+    prior weight on background and subject pixels (is the router learning to separate them?)."""
+    import csv
+
+    rows = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path, newline="") as handle:
+            rows += [r for r in csv.DictReader(handle) if r.get("train/loss")]
+    summary = {}
+    for key in ("train/loss", "train/router_prior_weight_background", "train/router_prior_weight_foreground"):
+        values = [float(r[key]) for r in rows[-last:] if r.get(key)]
+        if values:
+            summary[key.removeprefix("train/")] = sum(values) / len(values)
+    return summary
 
 
 def write_figures(out: Path, variant: str, images: dict, subjects, contexts, seeds, vae_scale: int) -> None:
@@ -331,8 +383,16 @@ def write_figures(out: Path, variant: str, images: dict, subjects, contexts, see
 # ---- report ------------------------------------------------------------------------------------------
 
 
+def accuracy_gap(a: float, n_a: int, b: float, n_b: int) -> tuple[float, float]:
+    """a - b in points and its standard error (two independent binomial proportions)."""
+    error = math.sqrt(a * (1 - a) / max(n_a, 1) + b * (1 - b) / max(n_b, 1))
+    return 100 * (a - b), 100 * error
+
+
 def claims(results: dict) -> list[tuple[str, str, str, str]]:
-    """(claim, measured, target, holds) rows of the results table."""
+    """(claim, measured, target, holds) rows of the results table. An accuracy "beats" another only
+    by more than two standard errors of the difference; "within 5 points" needs the whole
+    two-standard-error interval inside +-5."""
     variants = results["variants"]
     rows = []
     moa, no_moa, no_st = (variants.get(k) for k in ("synth_moa", "synth_no_moa", "synth_no_spacetime"))
@@ -341,26 +401,28 @@ def claims(results: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("disentanglement: swap A->B, mean abs change outside the subject, MoA / no_moa",
                      f"{moa['swap']['mae_outside']:.4f} / {no_moa['swap']['mae_outside']:.4f} = {ratio:.2f}x",
                      "<= 0.5x", _yes(ratio <= 0.5)))
+    for name, r in (("MoA", moa), ("no_moa", no_moa)):
+        if r:
+            gap, error = accuracy_gap(r["context_accuracy"], r["context_decisions"], r["prior_context_accuracy"],
+                                      r["prior_context_decisions"])
+            rows.append((f"prior preservation: context accuracy, {name} vs the prior's own images",
+                         f"{100 * r['context_accuracy']:.1f}% vs {100 * r['prior_context_accuracy']:.1f}% "
+                         f"({gap:+.1f} +- {error:.1f} points)", "within 5 points" if name == "MoA" else "(comparison)",
+                         _yes(abs(gap) + 2 * error <= 5) if name == "MoA" else "-"))
     if moa:
-        gap = 100 * (moa["context_accuracy"] - moa["prior_context_accuracy"])
-        rows.append(("prior preservation: context accuracy, MoA vs the prior's own images",
-                     f"{100 * moa['context_accuracy']:.1f}% vs {100 * moa['prior_context_accuracy']:.1f}% "
-                     f"({gap:+.1f} points)", "within 5 points", _yes(abs(gap) <= 5)))
-    if no_moa:
-        gap = 100 * (no_moa["context_accuracy"] - no_moa["prior_context_accuracy"])
-        rows.append(("prior preservation: context accuracy, no_moa vs the prior's own images",
-                     f"{100 * no_moa['context_accuracy']:.1f}% vs {100 * no_moa['prior_context_accuracy']:.1f}% "
-                     f"({gap:+.1f} points)", "(comparison)", "-"))
-    if moa:
+        gap, error = accuracy_gap(moa["identity_accuracy"], moa["identity_decisions"],
+                                  moa["identity_accuracy_of_prior_images"], moa["identity_decisions"])
         rows.append(("identity: attribute accuracy of the injected subject (MoA)",
-                     f"{100 * moa['identity_accuracy']:.1f}% (prior's own images: "
-                     f"{100 * moa['identity_accuracy_of_prior_images']:.1f}%, uniform chance "
-                     f"{100 * results['chance_identity_accuracy']:.1f}%)",
-                     "above the prior's images", _yes(moa["identity_accuracy"] > moa["identity_accuracy_of_prior_images"])))
+                     f"{100 * moa['identity_accuracy']:.1f}% vs the prior's own images "
+                     f"{100 * moa['identity_accuracy_of_prior_images']:.1f}% ({gap:+.1f} +- {error:.1f} points; "
+                     f"uniform chance {100 * results['chance_identity_accuracy']:.1f}%)",
+                     "above the prior's images", _yes(gap > 2 * error)))
     if moa and no_st:
+        gap, error = accuracy_gap(moa["identity_accuracy"], moa["identity_decisions"], no_st["identity_accuracy"],
+                                  no_st["identity_decisions"])
         rows.append(("spacetime ablation: identity accuracy with / without the PE term",
-                     f"{100 * moa['identity_accuracy']:.1f}% / {100 * no_st['identity_accuracy']:.1f}%",
-                     "with > without", _yes(moa["identity_accuracy"] > no_st["identity_accuracy"])))
+                     f"{100 * moa['identity_accuracy']:.1f}% / {100 * no_st['identity_accuracy']:.1f}% "
+                     f"({gap:+.1f} +- {error:.1f} points)", "with > without", _yes(gap > 2 * error)))
     return rows
 
 
@@ -374,27 +436,40 @@ def write_report(out: Path, results: dict, timings: dict) -> None:
     lines += [f"| {c} | {m} | {t} | {h} |" for c, m, t, h in claims(results)]
     lines += ["", "## Per variant", "",
               "| variant | identity acc. | identity acc. of prior images | context acc. | prior context acc. | "
-              "swap: MAE outside / inside | vs prior-only: MAE outside / inside |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "swap: MAE outside / inside | vs prior-only: MAE outside / inside | router prior weight: "
+              "background / subject (end of training) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    nan = float("nan")
     for variant, r in results["variants"].items():
-        swap = r.get("swap", {})
+        swap, training = r.get("swap", {}), r.get("training", {})
         lines.append(f"| {variant} | {r['identity_accuracy']:.3f} | {r['identity_accuracy_of_prior_images']:.3f} | "
                      f"{r['context_accuracy']:.3f} | {r['prior_context_accuracy']:.3f} | "
-                     f"{swap.get('mae_outside', float('nan')):.4f} / {swap.get('mae_inside', float('nan')):.4f} | "
-                     f"{r['versus_prior']['mae_outside']:.4f} / {r['versus_prior']['mae_inside']:.4f} |")
+                     f"{swap.get('mae_outside', nan):.4f} / {swap.get('mae_inside', nan):.4f} | "
+                     f"{r['versus_prior']['mae_outside']:.4f} / {r['versus_prior']['mae_inside']:.4f} | "
+                     f"{training.get('router_prior_weight_background', nan):.3f} / "
+                     f"{training.get('router_prior_weight_foreground', nan):.3f} |")
+    sensitivity = results.get("prior_sensitivity", {})
+    lines += ["", "Prior's sensitivity to its prompt (mean abs pixel change at the same seed): person word "
+              f"man -> woman {sensitivity.get('word_change_mae', nan):.4f}, context -> another context "
+              f"{sensitivity.get('context_change_mae', nan):.4f}."]
     lines += ["", "Identity accuracy per attribute:", "",
               "| variant | " + " | ".join(next(iter(results["variants"].values()))["identity_accuracy_per_attribute"]) + " |",
               "| --- |" + " --- |" * 5]
     for variant, r in results["variants"].items():
         lines.append(f"| {variant} | " + " | ".join(f"{v:.3f}" for v in r["identity_accuracy_per_attribute"].values()) + " |")
     calibration = results["judges"]
-    lines += ["", "## Judges (held-out renders / the prior VAE's reconstructions of them)", "",
+    lines += ["", "## Judges on the world's test split", "",
+              "Renders: the scenes (context, segmenter) and every person cut from a scene or from their reference "
+              "render (attributes). VAE reconstructions: the same scenes through the prior's VAE, people re-cut "
+              "from them at their true masks: the best a generation decoded by that VAE could score.", "",
               "| judge | renders | VAE reconstructions |", "| --- | --- | --- |"]
     for key, value in calibration["renders"].items():
         through = calibration["vae_reconstructions"].get(key)
         lines.append(f"| {key} | {value:.3f} | {'' if through is None else f'{through:.3f}'} |")
-    lines += ["", "## Wall time (seconds, 2-core CPU unless noted)", "", "| stage | seconds |", "| --- | --- |"]
-    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in timings.items()]
+    stages = {k: v for k, v in timings.items() if k != "this_invocation"}
+    lines += ["", "## Wall time (seconds)", "", "| stage | seconds |", "| --- | --- |"]
+    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in stages.items()]
+    lines += [f"| **all stages** | **{sum(stages.values()):.0f}** ({sum(stages.values()) / 60:.1f} min) |"]
     lines += ["", "Figures: `fig7_<variant>.png` (first row per word: prior-only; then each test subject, its "
               "reference image at the left, same prompts and seeds), `router_maps_<variant>.png`."]
     (out / "results.md").write_text("\n".join(lines) + "\n")

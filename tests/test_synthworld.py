@@ -103,3 +103,34 @@ def test_bad_choices_are_named_before_any_work(tmp_path, override, message):
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0 and message in result.stdout + result.stderr
     assert not (tmp_path / "world").exists()
+
+
+def test_prior_sensitivity_separates_word_from_context_changes():
+    from moa.synthworld import prior_sensitivity
+
+    base = torch.zeros(3, 4, 4)
+    images = {("man", 0, 0): base, ("woman", 0, 0): base + 0.1,  # the word moves every pixel by 0.1
+              ("man", 1, 0): base + 0.5, ("woman", 1, 0): base + 0.6}  # the context by 0.5
+    sensitivity = prior_sensitivity(images)
+    assert sensitivity["word_change_mae"] == pytest.approx(0.1)
+    assert sensitivity["context_change_mae"] == pytest.approx(0.5)
+
+
+def test_a_claim_holds_only_beyond_two_standard_errors():
+    from moa.synthworld import accuracy_gap, claims
+
+    gap, error = accuracy_gap(0.5, 100, 0.4, 100)
+    assert gap == pytest.approx(10.0) and error == pytest.approx(100 * (0.25 / 100 + 0.24 / 100) ** 0.5)
+    variant = {"identity_accuracy": 0.31, "identity_accuracy_of_prior_images": 0.28, "identity_decisions": 320,
+               "context_accuracy": 0.5, "context_decisions": 256, "prior_context_accuracy": 0.5,
+               "prior_context_decisions": 64}
+    rows = {row[0].split(":")[0]: row[3] for row in claims({"variants": {"synth_moa": variant},
+                                                            "chance_identity_accuracy": 0.29})}
+    assert rows["identity"] == "**no**"  # +3 points on 320 decisions is noise
+    # equal accuracies, but 64 prior decisions leave an interval wider than +-5 points
+    assert rows["prior preservation"] == "**no**"
+    variant |= {"identity_decisions": 20000, "identity_accuracy": 0.35, "context_decisions": 40000,
+                "prior_context_decisions": 40000}
+    rows = {row[0].split(":")[0]: row[3] for row in claims({"variants": {"synth_moa": variant},
+                                                            "chance_identity_accuracy": 0.29})}
+    assert rows["identity"] == "yes" and rows["prior preservation"] == "yes"
