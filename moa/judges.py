@@ -13,6 +13,7 @@ held-out renders and on the prior VAE's reconstructions of them is reported with
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -158,8 +159,8 @@ class WorldLabels:
                 crops.append(square_crop(image, person))
                 attributes.append(_labels(identity, ATTRIBUTES))
                 if segment.get("reference"):
-                    reference = image_to_tensor(Image.open(store.root / image_id[:5] / f"{segment['reference']}.jpg"))
-                    reference_mask = torch.from_numpy(np.load(store.root / image_id[:5] / f"{segment['reference']}.npy"))
+                    reference = image_to_tensor(Image.open(io.BytesIO(store.read(segment["reference"], "jpg"))))
+                    reference_mask = torch.from_numpy(np.load(io.BytesIO(store.read(segment["reference"], "npy"))))
                     crops.append(square_crop(reference, reference_mask.float()))
                     attributes.append(_labels(identity, ATTRIBUTES))
         self.scenes, self.person_masks = torch.stack(scenes), torch.stack(masks)
@@ -197,7 +198,7 @@ class JudgeLitModule(pl.LightningModule):
     def __init__(self, train: WorldLabels, *, batch_size: int = 64, lr: float = 2e-3, seed: int = 0):
         super().__init__()
         self.data, self.batch_size, self.lr, self.seed = train, batch_size, lr, seed
-        self.segmenter, self.context, self.attributes = SubjectSegmenter(), ContextClassifier(), AttributeClassifier()
+        self.judges = Judges()
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
@@ -212,8 +213,9 @@ class JudgeLitModule(pl.LightningModule):
         crops = torch.randint(len(self.data.crops), (self.batch_size,), generator=generator)
         scene_images = degrade(self.data.scenes[scenes], generator)
         crop_images = degrade(self.data.crops[crops], generator)
-        segmentation = F.binary_cross_entropy_with_logits(self.segmenter(scene_images), self.data.person_masks[scenes])
-        context_logits, attribute_logits = self.context(scene_images), self.attributes(crop_images)
+        judges = self.judges
+        segmentation = F.binary_cross_entropy_with_logits(judges.segmenter(scene_images), self.data.person_masks[scenes])
+        context_logits, attribute_logits = judges.context(scene_images), judges.attributes(crop_images)
         context = sum(F.cross_entropy(v, self.data.context[scenes, i]) for i, v in enumerate(context_logits.values()))
         attributes = sum(F.cross_entropy(v, self.data.attributes[crops, i]) for i, v in enumerate(attribute_logits.values()))
         loss = segmentation + context / len(CONTEXT) + attributes / len(ATTRIBUTES)
@@ -228,12 +230,6 @@ class Judges(nn.Module):
     def __init__(self):
         super().__init__()
         self.segmenter, self.context, self.attributes = SubjectSegmenter(), ContextClassifier(), AttributeClassifier()
-
-    @classmethod
-    def from_module(cls, module: JudgeLitModule) -> Judges:
-        judges = cls()
-        judges.load_state_dict({k: v for k, v in module.state_dict().items()})
-        return judges.eval()
 
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
@@ -289,6 +285,6 @@ def train_judges(root: str | os.PathLike, out_dir: str | os.PathLike, *, max_ste
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          default_root_dir=str(out_dir), enable_model_summary=False, log_every_n_steps=25)
     trainer.fit(module)
-    judges = Judges.from_module(module)
+    judges = module.judges.eval()
     judges.save(out_dir)
     return judges

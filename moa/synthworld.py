@@ -224,12 +224,13 @@ def score_variant(images: dict, subjects, contexts, judges, cfg) -> dict:
     # The prior's own images judged against each subject: the accuracy that needs no subject at all.
     prior_as_subject = {(w, i, c, s): images["prior"][(w, c, s)] for (w, i, c, s) in images["subject"]}
     prior_hits = identity_hits(prior_as_subject, lambda k: subjects[k[0]][k[1]])
+    subject_context_hits = context_hits(images["subject"], lambda k: k[2])
     results = {
         "identity_accuracy": subject_hits.mean().item(),
         "identity_accuracy_per_attribute": dict(zip(IDENTITY_ATTRIBUTES, subject_hits.mean(0).tolist())),
         "identity_accuracy_of_prior_images": prior_hits.mean().item(),
-        "context_accuracy": context_hits(images["subject"], lambda k: k[2]).mean().item(),
-        "context_accuracy_per_factor": dict(zip(CONTEXT, context_hits(images["subject"], lambda k: k[2]).mean(0).tolist())),
+        "context_accuracy": subject_context_hits.mean().item(),
+        "context_accuracy_per_factor": dict(zip(CONTEXT, subject_context_hits.mean(0).tolist())),
         "prior_context_accuracy": context_hits(images["prior"], lambda k: k[1]).mean().item(),
         # judged decisions behind each accuracy, for its standard error
         "identity_decisions": subject_hits.numel(),
