@@ -7,17 +7,17 @@ do not pay for torch and diffusers.
 from importlib import import_module
 
 _EXPORTS = {
-    "MoAAttnProcessor": "moa.attention",
-    "Router": "moa.attention",
-    "MoAInputs": "moa.inputs",
-    "MultimodalPromptEncoder": "moa.prompt",
-    "MoAConfig": "moa.unet",
-    "install_moa": "moa.unet",
-    "load_moa_state_dict": "moa.unet",
-    "moa_state_dict": "moa.unet",
-    "MoAModel": "moa.model",
-    "MoAPipeline": "moa.pipeline",
-    "Subject": "moa.pipeline",
+    "MoAAttnProcessor": "moa.models.attention",
+    "Router": "moa.models.attention",
+    "MoAInputs": "moa.models.inputs",
+    "MultimodalPromptEncoder": "moa.models.prompt",
+    "MoAConfig": "moa.models.unet",
+    "install_moa": "moa.models.unet",
+    "load_moa_state_dict": "moa.models.unet",
+    "moa_state_dict": "moa.models.unet",
+    "MoAModel": "moa.models.model",
+    "MoAPipeline": "moa.inference.pipeline",
+    "Subject": "moa.inference.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -70,10 +70,10 @@ def _subject_inputs(unet, prompt_encoder, batch: int, subjects: int, device: str
 
 def train_step_variant(variant: str, settings: dict) -> dict:
     """Time and peak memory of one optimizer step for ``variant`` (run in its own process on CPU)."""
-    from moa.inputs import MoAInputs
-    from moa.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss
-    from moa.prompt import MultimodalPromptEncoder, personalize_text
-    from moa.unet import MoAConfig, install_moa, loss_layer_names
+    from moa.models.inputs import MoAInputs
+    from moa.models.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss
+    from moa.models.prompt import MultimodalPromptEncoder, personalize_text
+    from moa.models.unet import MoAConfig, install_moa, loss_layer_names
 
     device, dtype = settings["device"], getattr(torch, settings["dtype"])
     unet = _sd15_unet(device, torch.float32)
@@ -174,9 +174,9 @@ def interleaved_seconds(runs: dict, *, rounds: int, device: str) -> dict[str, fl
 def bench_sample(settings: dict) -> dict:
     """Per denoising step with classifier-free guidance (U-Net batch 2), as ``MoAPipeline`` runs it:
     the plain U-Net (diffusers' own processors) against MoA prior-only and with 1 or 2 subjects."""
-    from moa.inputs import MoAInputs
-    from moa.prompt import MultimodalPromptEncoder, personalize_text
-    from moa.unet import install_moa
+    from moa.models.inputs import MoAInputs
+    from moa.models.prompt import MultimodalPromptEncoder, personalize_text
+    from moa.models.unet import install_moa
 
     device, dtype = settings["device"], getattr(torch, settings["dtype"])
     plain_unet = _sd15_unet(device, dtype).eval()
@@ -220,6 +220,7 @@ def bench_data(settings: dict, work: Path) -> dict:
     import hydra
     from hydra import compose, initialize_config_dir
 
+    from moa.config import CONFIG_DIR
     from moa.data.datamodule import FFHQWildDataModule
     from moa.data.shards import pack_shards
     from moa.embedded import ensure_embedded_assets
@@ -242,8 +243,7 @@ def bench_data(settings: dict, work: Path) -> dict:
             del loader
 
     # What one tiny training step consumes: the embedded default's model, batch and resolution.
-    config_dir = str(Path(__file__).resolve().parents[1] / "conf")
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"base_model={components}/stable-diffusion",
                                                        f"image_encoder={components}/clip", f"data.root={data_root}"])
     module = hydra.utils.instantiate(cfg.model)
@@ -268,9 +268,9 @@ def bench_data(settings: dict, work: Path) -> dict:
 
 
 def bench_embedded(work: Path) -> dict:
-    root = Path(__file__).resolve().parents[1]
+    """Wall time of the embedded default's run (``python train.py``, here as ``python -m moa.training``)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(root / "train.py"), f"hydra.run.dir={work}/embedded-run",
+    subprocess.run([sys.executable, "-m", "moa.training", f"hydra.run.dir={work}/embedded-run",
                     f"paths.cache_dir={work}/embedded-cache"], cwd=work, check=True, capture_output=True)
     return {"train_py_seconds": time.perf_counter() - start}
 

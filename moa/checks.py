@@ -1,25 +1,12 @@
-"""Checks of user-given paths that run before anything heavy is imported or loaded."""
+"""Checks of a run's configuration that run before anything heavy is imported or loaded."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-
-def check_pretrained_path(path: str | os.PathLike, *, option: str, expect: str) -> None:
-    """Fail fast, naming the config option, when a model path does not exist.
-
-    A bare hub id (``org/name``) that is not a local folder is left to ``from_pretrained``.
-    """
-    text = str(path)
-    if Path(text).expanduser().exists():
-        return
-    parts = text.split("/")
-    is_hub_id = len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not text.endswith(".safetensors")
-    if not is_hub_id:
-        raise FileNotFoundError(f"{option}={text!r}: no such path (expected {expect})")
+from moa.pretrained import check_pretrained_path
 
 
 def preflight(cfg: DictConfig) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from moa.data.synthetic import write_synthetic_ffhq
+from moa.synthworld.world import write_synthetic_ffhq
 from moa.tiny import build_tiny_components
 
 log = logging.getLogger(__name__)

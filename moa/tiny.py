@@ -81,8 +81,8 @@ def train_clip_tokenizer(texts: list[str], out_dir: Path, *, vocab_size: int = 1
 
 
 def _tokenizer_corpus() -> list[str]:
-    from moa.data.synthetic import caption_corpus
-    from moa.protocol import load_protocol
+    from moa.evaluation.protocol import load_protocol
+    from moa.synthworld.world import caption_corpus
 
     protocol = load_protocol()
     prompts = [t.format(c=word) for t in protocol.prompts for word in ("man", "woman", "person", "kid")]

@@ -8,7 +8,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from moa.data.synthetic import write_synthetic_ffhq
+from moa.synthworld.world import write_synthetic_ffhq
 from moa.tiny import build_tiny_components
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

@@ -6,7 +6,7 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
-from moa.run import instantiate_group
+from moa.training.run import instantiate_group
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
 
@@ -18,7 +18,7 @@ def test_expected_experiments_exist():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, compose_cfg):
     cfg = compose_cfg(f"experiment={experiment}")
-    is_moa = cfg.model._target_ == "moa.training.MoALitModule"
+    is_moa = cfg.model._target_ == "moa.training.module.MoALitModule"
     if is_moa:  # the paper's router-loss weight, except in the diagnostic that scales it on purpose
         expected = 1e-2 if experiment == "synth_moa_router_x100" else 1e-4
         assert OmegaConf.select(cfg, "model.lambda_router") == expected
@@ -37,7 +37,9 @@ def test_experiment_composes_and_instantiates(experiment, compose_cfg):
     assert variant == ("no_moa" if experiment.endswith("no_moa") else "moa")
     assert module.model.spacetime == (not experiment.endswith("no_spacetime"))
     if experiment.startswith("synth_"):
-        assert datamodule.subject_source == "reference"
+        from moa.synthworld.world import ReferenceRenders
+
+        assert isinstance(datamodule.subject_source, ReferenceRenders)
 
 
 def test_paper_settings_in_moa_sd15(compose_cfg):
@@ -46,8 +48,8 @@ def test_paper_settings_in_moa_sd15(compose_cfg):
     assert cfg.trainer.max_steps == 40000
     assert cfg.model.optimizer.lr == 5e-5
     assert cfg.model.max_timestep == 800 and cfg.model.condition_dropout == 0.1
-    assert cfg.model.model.moa_config.loss_skip_first_blocks == 2
-    assert cfg.model.model.moa_config.loss_skip_last_blocks == 3
+    assert cfg.model.net.moa_config.loss_skip_first_blocks == 2
+    assert cfg.model.net.moa_config.loss_skip_last_blocks == 3
 
 
 def test_debug_config_shortens_a_run(compose_cfg):

@@ -9,8 +9,9 @@ import torch
 from transformers import CLIPTokenizer
 
 from moa.data.datamodule import ResumableStreamSampler
-from moa.data.ffhq import CorruptDataError, FFHQWildDataset, FolderStore
-from moa.model import SubjectImageSpec
+from moa.data.ffhq import CorruptDataError, FFHQWildDataset
+from moa.data.stores import FolderStore
+from moa.data.transforms import SubjectImageSpec
 
 
 @pytest.fixture
@@ -139,19 +140,20 @@ def test_shards_give_the_same_samples_as_the_folder(make_dataset, synthetic_root
 
 def test_reference_renders_feed_the_image_encoder_when_asked(make_dataset, synthetic_root, tmp_path):
     from moa.data.shards import pack_shards
+    from moa.synthworld.world import ReferenceRenders
 
     image_id = FolderStore(synthetic_root).split("all")[0]
     annotation = json.loads((synthetic_root / image_id[:5] / f"{image_id}.json").read_text())
     people = [s for s in annotation["segments"] if s["coco_label"] == "person"]
     for person in people:
         assert (synthetic_root / image_id[:5] / f"{person['reference']}.jpg").exists()
-    crop, reference = make_dataset(synthetic_root)[0], make_dataset(synthetic_root, subject_source="reference")[0]
+    crop, reference = make_dataset(synthetic_root)[0], make_dataset(synthetic_root, subject_source=ReferenceRenders())[0]
     for key in ("pixel_values", "input_ids", "subject_masks", "subject_valid"):
         assert torch.equal(crop[key], reference[key])
     valid = crop["subject_valid"]
     assert not torch.allclose(crop["subject_pixel_values"][valid], reference["subject_pixel_values"][valid])
     shards = pack_shards(synthetic_root, tmp_path / "shards", samples_per_shard=10)
-    packed = make_dataset(shards, data_format="shards", subject_source="reference")[0]
+    packed = make_dataset(shards, data_format="shards", subject_source=ReferenceRenders())[0]
     assert torch.equal(packed["subject_pixel_values"], reference["subject_pixel_values"])
-    with pytest.raises(ValueError, match="data.subject_source"):
+    with pytest.raises(TypeError, match="data.subject_source"):
         make_dataset(synthetic_root, subject_source="other")

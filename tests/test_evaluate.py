@@ -7,9 +7,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
-from evaluate import evaluate
+from moa.evaluation.evaluate import evaluate
+from moa.training.run import train
 from tests.conftest import CONF_DIR
-from train import train
 
 
 def test_evaluate_on_a_trained_checkpoint_and_resume(compose_cfg, tmp_path):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from moa.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss, pixel_map_to_grid
+from moa.models.inputs import pixel_map_to_grid
+from moa.models.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss
 
 
 def test_masked_loss_counts_foreground_only_and_normalises_by_area():
@@ -19,7 +20,7 @@ def test_router_loss_pushes_background_to_prior_and_leaves_foreground_free():
     # one layer at latent resolution: R0 = 0.25 on the foreground pixel, 0.5 elsewhere
     r0 = torch.tensor([[0.25, 0.5, 0.5, 0.5]])
     loss, mean_map = RouterLoss()({"layer": r0}, foreground)
-    assert loss.item() == pytest.approx(3 * 0.5 ** 2 / 4)
+    assert loss.item() == pytest.approx(3 * 0.5 ** 2)  # eq. 9: a squared norm, summed over the pixels
     assert mean_map.shape == (1, 1, 2, 2)
     # changing the foreground pixel's weight does not change the loss
     loss_fg_changed, _ = RouterLoss()({"layer": torch.tensor([[0.0, 0.5, 0.5, 0.5]])}, foreground)
@@ -35,7 +36,19 @@ def test_router_loss_averages_layers_after_resizing():
     high = torch.full((1, 16), 0.0)  # a 4x4 layer all on the personalized expert
     loss, mean_map = RouterLoss()({"low": low, "high": high}, foreground)
     assert torch.allclose(mean_map, torch.full((1, 1, 4, 4), 0.5))
-    assert loss.item() == pytest.approx(0.25)
+    assert loss.item() == pytest.approx(16 * 0.25)
+
+
+def test_router_loss_sums_pixels_per_image_then_averages_images_or_takes_the_plain_mean():
+    foreground = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])  # image 2: all subject
+    r0 = torch.tensor([[1.0, 0.0, 0.5, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    # image 1: background errors 1^2 + 0.5^2 + 0 = 1.25; image 2 has no background: 0
+    summed, _ = RouterLoss()({"l": r0}, foreground)
+    assert summed.item() == pytest.approx((1.25 + 0.0) / 2)
+    mean, _ = RouterLoss("mean")({"l": r0}, foreground)
+    assert mean.item() == pytest.approx(1.25 / 8)
+    with pytest.raises(ValueError, match="router_loss_reduction"):
+        RouterLoss("sum")
 
 
 def test_object_loss_is_background_mean_minus_foreground_mean_over_valid_subjects():
@@ -46,6 +59,23 @@ def test_object_loss_is_background_mean_minus_foreground_mean_over_valid_subject
     attention[0, :, 1] = 5.0  # padded subject: must not count
     loss = ObjectLocalizationLoss()({"l": attention}, masks, torch.tensor([[True, False]]))
     assert loss.item() == pytest.approx(0.1 - 0.7, abs=1e-4)
+
+
+def test_object_loss_averages_subjects_per_sample_then_samples_as_fastcomposer():
+    """Sample 0: two subjects with losses -0.6 and -0.2 -> -0.4; sample 1: one subject, -1.0;
+    sample 2: no subject (condition dropped) -> 0. Batch: (-0.4 - 1.0 + 0) / 3. Pooling all subjects
+    of the batch instead would give (-0.6 - 0.2 - 1.0) / 3 = -0.6."""
+    masks = torch.zeros(3, 2, 2, 2)
+    masks[:, 0, 0, 0] = 1.0
+    masks[:, 1, 1, 1] = 1.0
+    attention = torch.zeros(3, 4, 2)
+    attention[0, :, 0] = torch.tensor([0.6, 0.0, 0.0, 0.0])  # fg 0.6, bg 0 -> -0.6
+    attention[0, :, 1] = torch.tensor([0.0, 0.0, 0.0, 0.2])  # -> -0.2
+    attention[1, :, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # -> -1.0
+    attention[2] = 0.9  # never counted
+    valid = torch.tensor([[True, True], [True, False], [False, False]])
+    loss = ObjectLocalizationLoss()({"l": attention}, masks, valid)
+    assert loss.item() == pytest.approx((-0.4 - 1.0) / 3, abs=1e-4)
 
 
 def test_pixel_map_to_grid_checks_resolution():

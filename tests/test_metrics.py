@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from moa.metrics import (
+from moa.evaluation.metrics import (
     RANDOM_WEIGHTS_LABEL,
     Disentanglement,
     IdentityPreservation,
@@ -15,7 +15,7 @@ from moa.metrics import (
     PromptConsistency,
     subject_region,
 )
-from moa.protocol import load_protocol
+from moa.evaluation.protocol import load_protocol
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from moa import MoAConfig, MoAInputs, install_moa, load_moa_state_dict, moa_state_dict
+from moa.models.unet import MoALayoutError, attention_layers, loss_layer_names, moa_processors
 from moa.tiny import SD15_UNET_CONFIG
-from moa.unet import MoALayoutError, attention_layers, loss_layer_names, moa_processors
 
 
 def _inputs(unet, batch=2, seed=0):
@@ -138,7 +138,7 @@ def test_no_moa_variant_is_one_attention_equal_to_the_prior_at_initialisation(un
 
 
 def test_spacetime_conditioning_varies_with_block_and_timestep_and_the_ablation_does_not():
-    from moa.prompt import MultimodalPromptEncoder
+    from moa.models.prompt import MultimodalPromptEncoder
 
     features, words = torch.randn(2, 3, 8), torch.randn(2, 3, 6)
     encoder = MultimodalPromptEncoder(image_dim=8, text_dim=6, num_blocks=16)
@@ -153,7 +153,7 @@ def test_spacetime_conditioning_varies_with_block_and_timestep_and_the_ablation_
 
 
 def test_personalize_text_replaces_only_valid_subject_tokens():
-    from moa.prompt import personalize_text
+    from moa.models.prompt import personalize_text
 
     text = torch.randn(1, 5, 4)
     subject_tokens = torch.randn(1, 2, 2, 4)  # (batch, blocks, subjects, dim)
@@ -162,3 +162,16 @@ def test_personalize_text_replaces_only_valid_subject_tokens():
     assert torch.equal(out[0, 1, 1], subject_tokens[0, 1, 0])
     for untouched in (0, 2, 3, 4):  # token 3 belongs to a padded subject
         assert torch.equal(out[0, 0, untouched], text[0, untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_spacetime_phases_survive_casting_the_encoder_to_half_precision(dtype):
+    """Inference casts the prompt encoder (``pipe.to(dtype=...)``); the timestep phases must stay
+    those of fp32 training (a cast frequency table was off by ~0.1 rad near t = 1)."""
+    from moa.models.prompt import SpacetimeEncoding
+
+    encoding = SpacetimeEncoding(8, num_blocks=16)
+    timesteps = torch.tensor([1, 500, 999])
+    reference = encoding.fourier_features(timesteps)
+    assert torch.equal(encoding.to(dtype).fourier_features(timesteps), reference)
+    assert encoding(timesteps).dtype == dtype

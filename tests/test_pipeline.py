@@ -7,7 +7,9 @@ from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionM
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from moa.applications import (
+from moa.data.subjects import SubjectBindingError
+from moa.evaluation.protocol import load_protocol
+from moa.inference.applications import (
     consistent_characters,
     ddim_invert,
     morph,
@@ -15,12 +17,10 @@ from moa.applications import (
     subject_swap,
     time_lapse,
 )
-from moa.model import EXPORT_WEIGHTS, MoAModel
-from moa.pipeline import MoAPipeline, Subject
-from moa.protocol import load_protocol
-from moa.subjects import SubjectBindingError
-from moa.unet import MoALayoutError, moa_processors, moa_state_dict
-from moa.visualize import router_map_figure, subject_attention_figure
+from moa.inference.pipeline import MoAPipeline, Subject
+from moa.inference.visualize import router_map_figure, subject_attention_figure
+from moa.models.model import EXPORT_WEIGHTS, MoAModel
+from moa.models.unet import MoALayoutError, moa_processors, moa_state_dict
 
 STEPS = 4
 
@@ -209,7 +209,7 @@ def test_generate_command_writes_images_and_a_reproducible_record(pipe, tmp_path
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from moa.generate import generate
+    from moa.inference.generate import generate
     from tests.conftest import CONF_DIR
 
     weights = pipe.moa.export_moa(tmp_path / "weights")

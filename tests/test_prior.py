@@ -3,8 +3,8 @@
 import torch
 from diffusers import AutoencoderKL
 
-from moa.model import MoAModel
-from train import train
+from moa.models.model import MoAModel
+from moa.training.run import train
 
 
 def test_vae_then_prior_stages_export_a_base_model_moa_can_use(compose_cfg, tmp_path, tiny_dir):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train import train
+from moa.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 import pytest
 from transformers import CLIPTokenizer
 
-from moa.subjects import SubjectBindingError, token_positions, word_ends
+from moa.data.subjects import SubjectBindingError, token_positions, word_ends
 
 
 @pytest.fixture(scope="module")

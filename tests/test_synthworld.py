@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from moa.data.ffhq import FolderStore
-from moa.data.synthetic import compose_caption
-from moa.judges import ATTRIBUTES, CONTEXT, Judges, WorldLabels, square_crop
+from moa.data.stores import FolderStore
+from moa.synthworld.judges import ATTRIBUTES, CONTEXT, Judges, WorldLabels, square_crop
+from moa.synthworld.world import compose_caption
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_bad_choices_are_named_before_any_work(tmp_path, override, message):
 
 
 def test_prior_sensitivity_separates_word_from_context_changes():
-    from moa.synthworld import prior_sensitivity
+    from moa.synthworld.measure import prior_sensitivity
 
     base = torch.zeros(3, 4, 4)
     images = {("man", 0, 0): base, ("woman", 0, 0): base + 0.1,  # the word moves every pixel by 0.1
@@ -117,7 +117,7 @@ def test_prior_sensitivity_separates_word_from_context_changes():
 
 
 def test_a_claim_holds_only_beyond_two_standard_errors():
-    from moa.synthworld import accuracy_gap, claims
+    from moa.synthworld.report import accuracy_gap, claims
 
     gap, error = accuracy_gap(0.5, 100, 0.4, 100)
     assert gap == pytest.approx(10.0) and error == pytest.approx(100 * (0.25 / 100 + 0.24 / 100) ** 0.5)

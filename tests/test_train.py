@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moa.model import MoAModel
-from train import train
+from moa.models.model import MoAModel
+from moa.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_bad_config_fails_fast_naming_the_option(override, expected, tmp_path, t
 
 def test_initial_weights_do_not_depend_on_whether_embedded_assets_were_built(compose_cfg, tmp_path):
     cache = tmp_path / "cache"
-    embedded = (f"+embedded.components_dir={cache}/tiny", f"+embedded.data_root={cache}/data", "+embedded.num_samples=12",
+    embedded = ("+embedded._target_=moa.embedded.ensure_embedded_assets", f"+embedded.components_dir={cache}/tiny", f"+embedded.data_root={cache}/data", "+embedded.num_samples=12",
                 "+embedded.image_size=64", f"base_model={cache}/tiny/stable-diffusion", f"image_encoder={cache}/tiny/clip",
                 f"data.root={cache}/data", "trainer.max_steps=1", "callbacks=none")
     _, first = train(compose_cfg(*embedded, f"export_dir={tmp_path}/a", out=tmp_path / "a"))  # builds the assets
@@ -127,7 +127,7 @@ def test_initial_weights_do_not_depend_on_whether_embedded_assets_were_built(com
 def test_resume_picks_the_newest_of_last_and_lightning_hpc_checkpoints(tmp_path):
     import os
 
-    from moa.run import resolve_ckpt_path
+    from moa.training.checkpoints import resolve_ckpt_path
 
     assert resolve_ckpt_path("last", tmp_path) is None  # a fresh job starts cleanly
     (tmp_path / "checkpoints").mkdir()

@@ -37,3 +37,50 @@ def test_compiled_unet_gives_the_same_loss_and_gradients(compose_cfg):
     assert torch.allclose(loss, loss_opt, atol=1e-5)
     worst = max((grads[k] - grads_opt[k]).abs().max().item() for k in grads)
     assert worst <= 1e-4, f"compile: max gradient difference {worst:.2e}"
+
+
+def test_image_encoder_trainable_layers_get_gradients_their_own_lr_and_travel_with_the_moa_weights(compose_cfg, tmp_path):
+    from moa.models.model import MoAModel
+
+    cfg = compose_cfg("model.net.image_encoder_trainable_layers=1", "model.image_encoder_lr=3e-6")
+    module = hydra.utils.instantiate(cfg.model)
+    model = module.model
+    encoder = model.image_encoder_trainable_state_dict()
+    last = len(model.image_encoder.vision_model.encoder.layers) - 1
+    assert encoder and all(k.startswith((f"vision_model.encoder.layers.{last}.", "vision_model.post_layernorm.",
+                                         "visual_projection.")) for k in encoder)
+    assert not any(p.requires_grad for p in model.image_encoder.vision_model.embeddings.parameters())
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert [g["lr"] for g in optimizer.param_groups] == [cfg.model.optimizer.lr, 3e-6]
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == {id(p) for p in encoder.values()}
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup()
+    batch = next(iter(torch.utils.data.DataLoader(datamodule.dataset, batch_size=2)))
+    batch["subject_valid"][:] = True  # every subject slot feeds the prompt, so the encoder's output matters
+    torch.manual_seed(0)
+    with torch.no_grad():  # experts away from the prior: the subject token then changes the prediction
+        for p in model.unet.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    losses, _ = module.compute_losses(batch, torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.values())
+
+    with torch.no_grad():
+        for p in encoder.values():
+            p.add_(0.5)
+    exported = model.export_moa(tmp_path / "moa")
+    reloaded = MoAModel.from_pretrained(cfg.base_model, cfg.image_encoder, moa_weights=exported)
+    assert reloaded.image_encoder_trainable_layers == 1
+    for name, value in reloaded.image_encoder_trainable_state_dict().items():
+        assert torch.equal(value, encoder[name]), name
+    with pytest.raises(hydra.errors.InstantiationException, match="image_encoder_trainable_layers=99: expected 0..2"):
+        hydra.utils.instantiate(compose_cfg("model.net.image_encoder_trainable_layers=99").model)
+
+
+def test_frozen_image_encoder_gets_no_gradient_and_stays_out_of_the_moa_weights(compose_cfg):
+    module = hydra.utils.instantiate(compose_cfg().model)
+    assert not module.model.image_encoder_trainable_state_dict()
+    assert not any(k.startswith("image_encoder.") for k in module.model.trainable_state_dict())
+    assert len(module.configure_optimizers()["optimizer"].param_groups) == 1

@@ -11,9 +11,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import CLIPTokenizer
 
-from moa.checks import check_pretrained_path
-from moa.data.ffhq import FFHQWildDataset
-from moa.model import SubjectImageSpec, tokenizer_source
+from moa.data.ffhq import FFHQWildDataset, SubjectSource
+from moa.data.transforms import SubjectImageSpec
+from moa.pretrained import check_pretrained_path, tokenizer_source
+from moa.seeding import derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class ResumableStreamSampler(Sampler[int]):
             raise ValueError(f"{num_samples} samples cannot be split across {world_size} ranks")
 
     def _epoch(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
         order = torch.randperm(self.num_samples, generator=generator)[: self.per_rank * self.world_size]
         return order[self.rank:: self.world_size].tolist()
 
@@ -59,14 +60,15 @@ class FFHQWildDataModule(pl.LightningDataModule):
         num_workers: loader worker processes.
         seed: data order seed.
         data_format: ``"folder"`` (FFHQ-wild as files) or ``"shards"`` (tar shards from ``moa.data.shards``).
-        subject_source: ``"crop"`` (the subject cut from the target image, FastComposer's way) or
-            ``"reference"`` (a separate render of the subject, SynthWorld data only).
+        subject_source: where each subject's image comes from: None for the subject cut from the target
+            image (FastComposer's way), or a callable (see ``moa.data.ffhq.SubjectSource``), e.g.
+            SynthWorld's ``ReferenceRenders``.
     """
 
     def __init__(self, *, root: str, base_model: str, image_encoder: str, resolution: int = 512, batch_size: int = 32,
                  num_workers: int = 2, seed: int = 0, split: str = "train", data_format: str = "folder",
                  max_subjects: int = 4, max_corrupt_fraction: float = 0.05, base_model_config: str | None = None,
-                 subject_source: str = "crop"):
+                 subject_source: SubjectSource | None = None):
         super().__init__()
         if not Path(root).is_dir():
             raise FileNotFoundError(f"data.root={root!r}: no such folder (expected FastComposer's FFHQ-wild layout)")

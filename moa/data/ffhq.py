@@ -15,22 +15,21 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from moa.model import SubjectImageSpec
-from moa.subjects import MAX_SUBJECTS, SubjectBindingError, token_positions
+from moa.data.stores import open_store
+from moa.data.subjects import MAX_SUBJECTS, SubjectBindingError, token_positions
+from moa.data.transforms import SubjectImageSpec, image_to_tensor, resize_center_crop, subject_crop
 
 log = logging.getLogger(__name__)
-
-SPLIT_FILES = {"all": "image_ids.txt", "train": "image_ids_train.txt", "test": "image_ids_test.txt"}
 
 
 class CorruptSampleError(ValueError):
@@ -47,37 +46,6 @@ class RawSample:
     segments: np.ndarray  # (H, W) int
     caption: str
     subjects: list[dict]  # person segments sorted by their position in the caption
-
-
-class FolderStore:
-    """Samples as files: ``root/<id[:5]>/<id>.<ext>`` (FastComposer's layout)."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"data.root={str(root)!r}: no such folder (expected FastComposer's FFHQ-wild layout)")
-
-    def split(self, split: str) -> list[str]:
-        if split not in SPLIT_FILES:
-            raise ValueError(f"data.split={split!r}: expected one of {sorted(SPLIT_FILES)}")
-        path = self.root / SPLIT_FILES[split]
-        if not path.exists():
-            raise FileNotFoundError(f"data.root={str(self.root)!r}: {path.name} not found (is this an FFHQ-wild folder?)")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-    def read(self, image_id: str, extension: str) -> bytes:
-        return (self.root / image_id[:5] / f"{image_id}.{extension}").read_bytes()
-
-
-def open_store(root: str | Path, data_format: str):
-    """``"folder"``: the FFHQ-wild folder; ``"shards"``: tar shards written by ``moa.data.shards``."""
-    if data_format == "folder":
-        return FolderStore(root)
-    if data_format == "shards":
-        from moa.data.shards import ShardStore
-
-        return ShardStore(root)
-    raise ValueError(f"data.format={data_format!r}: expected 'folder' or 'shards'")
 
 
 def read_raw_sample(store, image_id: str) -> RawSample:
@@ -116,38 +84,14 @@ def read_raw_sample(store, image_id: str) -> RawSample:
     return RawSample(image=image, segments=segments, caption=caption, subjects=subjects)
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+# (store, image id, person segment, target image (3, H, W) in [0, 1], its mask (H, W))
+#   -> (image, mask, bbox) the image encoder's input is cut from
+SubjectSource = Callable[[object, str, dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, list[int]]]
 
 
-def _resize_center_crop(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """(C, H, W) -> (C, size, size): shorter side to ``size``, then centre crop."""
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    kwargs = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
-    x = F.interpolate(x[None], size=(new_h, new_w), mode=mode, **kwargs)[0]
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return x[:, top: top + size, left: left + size]
-
-
-def subject_crop(image: torch.Tensor, mask: torch.Tensor, bbox: list[int], spec: SubjectImageSpec) -> torch.Tensor:
-    """The image encoder's input for one subject: its box, background set to the encoder's mean
-    colour (FastComposer masks the background out so identity comes from the subject alone), padded
-    to a square and resized. image (3, H, W) in [0, 1], mask (H, W) -> (3, size, size) normalised."""
-    height, width = mask.shape
-    x1, y1, x2, y2 = (int(v) for v in bbox)
-    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, max(x2, x1 + 1)), min(height, max(y2, y1 + 1))
-    mean = torch.tensor(spec.mean)[:, None, None]
-    crop = torch.where(mask[None, y1:y2, x1:x2] > 0, image[:, y1:y2, x1:x2], mean)
-    side = max(crop.shape[-2:])
-    square = mean.expand(3, side, side).clone()
-    top, left = (side - crop.shape[1]) // 2, (side - crop.shape[2]) // 2
-    square[:, top: top + crop.shape[1], left: left + crop.shape[2]] = crop
-    square = F.interpolate(square[None], size=(spec.size, spec.size), mode="bicubic", antialias=True,
-                           align_corners=False)[0].clamp(0, 1)
-    return (square - mean) / torch.tensor(spec.std)[:, None, None]
+def target_subject(store, image_id: str, segment: dict, image: torch.Tensor, mask: torch.Tensor):
+    """The default subject image: the subject as it appears in the target image (FastComposer's way)."""
+    return image, mask, segment["bbox"]
 
 
 class FFHQWildDataset(Dataset):
@@ -169,14 +113,15 @@ class FFHQWildDataset(Dataset):
 
     def __init__(self, root: str | Path, *, tokenizer: PreTrainedTokenizerBase, subject_image_spec: SubjectImageSpec,
                  resolution: int, split: str = "train", data_format: str = "folder", max_subjects: int = MAX_SUBJECTS,
-                 max_corrupt_fraction: float = 0.05, subject_source: str = "crop"):
+                 max_corrupt_fraction: float = 0.05, subject_source: SubjectSource | None = None):
         self.root = Path(root)
         self.store = open_store(root, data_format)
         if not 1 <= max_subjects <= MAX_SUBJECTS:
             raise ValueError(f"data.max_subjects={max_subjects}: expected 1..{MAX_SUBJECTS}")
-        if subject_source not in ("crop", "reference"):
-            raise ValueError(f"data.subject_source={subject_source!r}: expected 'crop' or 'reference'")
-        self.subject_source = subject_source
+        if subject_source is not None and not callable(subject_source):
+            raise TypeError(f"data.subject_source={subject_source!r}: expected null (the subject cut from the "
+                            "target image) or a callable such as moa.synthworld.world.ReferenceRenders")
+        self.subject_source = subject_source or target_subject
         self.ids = self.store.split(split)
         if not self.ids:
             raise ValueError(f"data.root={str(root)!r}: split {split!r} lists no image ids")
@@ -213,24 +158,6 @@ class FFHQWildDataset(Dataset):
     def caption(self, index: int) -> str:
         return json.loads(self.store.read(self.ids[index], "json"))["caption"]
 
-    def _reference_crop(self, image_id: str, segment: dict) -> torch.Tensor:
-        """The image-encoder input from the subject's reference render (another pose and background)."""
-        reference_id = segment.get("reference")
-        if not reference_id:
-            raise CorruptSampleError(f"{image_id}: segment {segment['id']} has no reference render "
-                                     "(data.subject_source=reference needs SynthWorld data)")
-        try:
-            with Image.open(io.BytesIO(self.store.read(reference_id, "jpg"))) as opened:
-                reference = image_to_tensor(opened.convert("RGB"))
-            mask = torch.from_numpy(np.load(io.BytesIO(self.store.read(reference_id, "npy"))) > 0).float()
-        except (OSError, ValueError) as error:
-            raise CorruptSampleError(f"{image_id}: unreadable reference render {reference_id} ({error})") from error
-        ys, xs = torch.nonzero(mask, as_tuple=True)
-        if len(xs) == 0:
-            raise CorruptSampleError(f"{image_id}: reference render {reference_id} has an empty mask")
-        bbox = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-        return subject_crop(reference, mask, bbox, self.spec)
-
     def tokenize(self, caption: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         encoded = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
                                  truncation=True, return_offsets_mapping=True)
@@ -256,15 +183,12 @@ class FFHQWildDataset(Dataset):
         valid = torch.zeros(n, dtype=torch.bool)
         for slot, (segment, position) in enumerate(kept):
             mask = (segments == int(segment["id"])).float()
-            if self.subject_source == "reference":
-                subject_pixels[slot] = self._reference_crop(image_id, segment)
-            else:
-                subject_pixels[slot] = subject_crop(image, mask, segment["bbox"], self.spec)
-            subject_masks[slot] = _resize_center_crop(mask[None], size, "nearest")[0]
+            subject_pixels[slot] = subject_crop(*self.subject_source(self.store, image_id, segment, image, mask), self.spec)
+            subject_masks[slot] = resize_center_crop(mask[None], size, "nearest")[0]
             token_index[slot] = position
             valid[slot] = True
         return {
-            "pixel_values": _resize_center_crop(image, size, "bilinear").clamp(0, 1) * 2.0 - 1.0,
+            "pixel_values": resize_center_crop(image, size, "bilinear").clamp(0, 1) * 2.0 - 1.0,
             "input_ids": input_ids,
             "subject_pixel_values": subject_pixels,
             "subject_token_index": token_index,

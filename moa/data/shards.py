@@ -19,11 +19,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moa.data.ffhq import SPLIT_FILES, FolderStore
+from moa.data.stores import SHARD_INDEX, SPLIT_FILES, FolderStore
 
 log = logging.getLogger(__name__)
 
-INDEX = "index.json"
 EXTENSIONS = ("jpg", "json", "npy")
 
 
@@ -51,40 +50,9 @@ def pack_shards(root: str | os.PathLike, out: str | os.PathLike, *, samples_per_
                 image_id, extension = member.name.rsplit(".", 1)
                 members.setdefault(image_id, {})[extension] = [name, member.offset_data, member.size]
         os.replace(tmp, out / name)
-    (out / INDEX).write_text(json.dumps({"splits": splits, "members": members}))
+    (out / SHARD_INDEX).write_text(json.dumps({"splits": splits, "members": members}))
     log.info("packed %d samples into %s", len(ids), out)
     return out
-
-
-class ShardStore:
-    """Reads samples from shards written by ``pack_shards`` (one open file per shard and process)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        if not (self.root / INDEX).exists():
-            raise FileNotFoundError(f"data.root={str(root)!r}: no {INDEX} (expected shards from moa.data.shards)")
-        index = json.loads((self.root / INDEX).read_text())
-        self.splits, self.members = index["splits"], index["members"]
-        self._files: dict[str, object] = {}
-        self._pid = os.getpid()
-
-    def split(self, split: str) -> list[str]:
-        if split not in self.splits:
-            raise ValueError(f"data.split={split!r}: the shards in {self.root} have {sorted(self.splits)}")
-        return self.splits[split]
-
-    def read(self, image_id: str, extension: str) -> bytes:
-        try:
-            shard, offset, size = self.members[image_id][extension]
-        except KeyError:
-            raise FileNotFoundError(f"{image_id}.{extension} is not in the shards of {self.root}") from None
-        if os.getpid() != self._pid:  # a forked loader worker must not share file offsets
-            self._files, self._pid = {}, os.getpid()
-        handle = self._files.get(shard)
-        if handle is None:
-            handle = self._files[shard] = open(self.root / shard, "rb")  # noqa: SIM115 (kept open for reuse)
-        handle.seek(offset)
-        return handle.read(size)
 
 
 def main() -> None:

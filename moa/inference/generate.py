@@ -1,4 +1,4 @@
-"""Generation command: ``python -m moa.generate moa_weights=... [requests=...]`` (config: conf/generate.yaml).
+"""Generation command: ``python -m moa.inference.generate moa_weights=... [requests=...]`` (config: conf/generate.yaml).
 
 Every image is written with a JSON record of what made it: prompt, seed, subjects (with file hashes),
 scheduler and its config, and hashes of the base model and MoA weights, so it can be regenerated.
@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import moa.resolvers  # noqa: F401  (config resolvers)
+from moa.config import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,10 @@ def generate(cfg: DictConfig) -> list[dict]:
     """Generate every request of ``cfg``; returns the records written to ``generation.json``."""
     import torch
 
-    from moa.checks import check_pretrained_path
-    from moa.model import EXPORT_WEIGHTS, MoAModel
-    from moa.pipeline import MoAPipeline, Subject, scheduler_from_name
-    from moa.visualize import router_map_figure
+    from moa.inference.pipeline import MoAPipeline, Subject, scheduler_from_name
+    from moa.inference.visualize import router_map_figure
+    from moa.models.model import EXPORT_WEIGHTS, MoAModel
+    from moa.pretrained import check_pretrained_path
 
     check_pretrained_path(cfg.moa_weights, option="moa_weights", expect="a folder written by train.py's export")
     requests = OmegaConf.to_container(cfg.requests, resolve=True)
@@ -83,7 +83,7 @@ def generate(cfg: DictConfig) -> list[dict]:
     return records
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
     generate(cfg)
 

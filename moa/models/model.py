@@ -1,6 +1,6 @@
 """The MoA model: a frozen Stable Diffusion prior and CLIP image encoder plus MoA's trainable parts.
 
-Shared by training (``moa.training``) and generation (``moa.pipeline``): loading, freezing, turning
+Shared by training (``moa.training.module``) and generation (``moa.inference.pipeline``): loading, freezing, turning
 prompts and subject images into ``MoAInputs``, and saving/loading the trainable weights.
 """
 
@@ -10,54 +10,25 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 from transformers.utils import logging as transformers_logging
 
-from moa.checks import check_pretrained_path
-from moa.inputs import MoAInputs
-from moa.prompt import MultimodalPromptEncoder, personalize_text
-from moa.unet import MoAConfig, MoALayoutError, install_moa, load_moa_state_dict, moa_state_dict
+from moa.data.transforms import SubjectImageSpec
+from moa.models.inputs import MoAInputs
+from moa.models.prompt import MultimodalPromptEncoder, personalize_text
+from moa.models.unet import MoAConfig, MoALayoutError, install_moa, load_moa_state_dict, moa_state_dict
+from moa.pretrained import DEFAULT_SINGLE_FILE_CONFIG, check_pretrained_path, is_single_file
 
 log = logging.getLogger(__name__)
 
 EXPORT_WEIGHTS = "moa.safetensors"
 EXPORT_CONFIG = "moa_config.json"
-
-
-@dataclass(frozen=True)
-class SubjectImageSpec:
-    """How the image encoder wants its input (read from its ``preprocessor_config.json``)."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> SubjectImageSpec:
-        processor = CLIPImageProcessor.from_pretrained(path)
-        return cls(size=int(processor.crop_size["height"]), mean=tuple(processor.image_mean), std=tuple(processor.image_std))
-
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-DEFAULT_SINGLE_FILE_CONFIG = "runwayml/stable-diffusion-v1-5"
-
-
-def is_single_file(base_model: str | os.PathLike) -> bool:
-    return str(base_model).endswith(SINGLE_FILE_SUFFIXES)
-
-
-def tokenizer_source(base_model: str | os.PathLike, base_model_config: str | None = None) -> str:
-    """Where the base model's tokenizer lives (a single-file checkpoint carries none)."""
-    if is_single_file(base_model):
-        return base_model_config or DEFAULT_SINGLE_FILE_CONFIG
-    return str(base_model)
 
 
 def load_base_components(base_model: str | os.PathLike, base_model_config: str | None = None) -> dict:
@@ -78,6 +49,19 @@ def load_base_components(base_model: str | os.PathLike, base_model_config: str |
     }
 
 
+def trainable_image_encoder_parts(image_encoder: CLIPVisionModelWithProjection, layers: int) -> list[nn.Module]:
+    """The last ``layers`` transformer layers of the vision tower, its post-layernorm and projection
+    (all that lies between those layers and ``image_embeds``); nothing for 0."""
+    available = len(image_encoder.vision_model.encoder.layers)
+    if not 0 <= layers <= available:
+        raise ValueError(f"model.net.image_encoder_trainable_layers={layers}: expected 0..{available} "
+                         "(the image encoder's transformer layers)")
+    if layers == 0:
+        return []
+    return [*image_encoder.vision_model.encoder.layers[-layers:], image_encoder.vision_model.post_layernorm,
+            image_encoder.visual_projection]
+
+
 def load_image_encoder(path: str | os.PathLike) -> CLIPVisionModelWithProjection:
     """The vision half of a CLIP checkpoint (e.g. openai/clip-vit-large-patch14). Its text weights are
     expected to go unused, so transformers' report of them is silenced."""
@@ -91,12 +75,17 @@ def load_image_encoder(path: str | os.PathLike) -> CLIPVisionModelWithProjection
 
 class MoAModel(nn.Module):
     """Frozen prior (VAE, text encoder, U-Net host layers, image encoder) + trainable MoA parts
-    (personalized experts and routers inside the U-Net, and the multimodal prompt encoder)."""
+    (personalized experts and routers inside the U-Net, and the multimodal prompt encoder).
+
+    image_encoder_trainable_layers: 0 keeps the image encoder frozen; N > 0 also trains the last N
+        transformer layers of its vision tower with its post-layernorm and projection (FastComposer
+        trains the last 2). Those weights then belong to the MoA weights (export and checkpoints).
+    """
 
     def __init__(self, *, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, image_encoder: CLIPVisionModelWithProjection, noise_scheduler: DDPMScheduler,
                  subject_image_spec: SubjectImageSpec, moa_config: MoAConfig | Mapping = MoAConfig(),
-                 spacetime: bool = True):
+                 spacetime: bool = True, image_encoder_trainable_layers: int = 0):
         super().__init__()
         moa_config = moa_config if isinstance(moa_config, MoAConfig) else MoAConfig(**moa_config)
         self.moa_config = moa_config
@@ -107,6 +96,9 @@ class MoAModel(nn.Module):
         self.vae, self.text_encoder, self.image_encoder = vae, text_encoder, image_encoder
         for frozen in (vae, text_encoder, image_encoder):
             frozen.requires_grad_(False).eval()
+        self.image_encoder_trainable_layers = image_encoder_trainable_layers
+        for module in trainable_image_encoder_parts(image_encoder, image_encoder_trainable_layers):
+            module.requires_grad_(True)
         self.unet = unet
         install_moa(unet, moa_config)
         self.prompt_encoder = MultimodalPromptEncoder(
@@ -122,8 +114,8 @@ class MoAModel(nn.Module):
     @classmethod
     def from_pretrained(cls, base_model: str | os.PathLike, image_encoder: str | os.PathLike, *,
                         moa_config: MoAConfig | Mapping | None = None, spacetime: bool = True,
-                        moa_weights: str | os.PathLike | None = None,
-                        base_model_config: str | None = None) -> MoAModel:
+                        moa_weights: str | os.PathLike | None = None, base_model_config: str | None = None,
+                        image_encoder_trainable_layers: int = 0) -> MoAModel:
         """Load an SD1.5-family base and a CLIP vision model, install MoA, optionally load MoA weights.
 
         base_model: a diffusers folder or hub id, or a single ``.safetensors``/``.ckpt`` checkpoint
@@ -139,33 +131,14 @@ class MoAModel(nn.Module):
             check_pretrained_path(moa_weights, option="moa_weights", expect=f"a folder with {EXPORT_WEIGHTS}")
             saved = json.loads((Path(moa_weights) / EXPORT_CONFIG).read_text())
             moa_config, spacetime = saved["moa_config"], saved["spacetime"]
+            image_encoder_trainable_layers = saved.get("image_encoder_trainable_layers", 0)
         model = cls(**load_base_components(base_model, base_model_config),
                     image_encoder=load_image_encoder(image_encoder),
                     subject_image_spec=SubjectImageSpec.from_pretrained(image_encoder),
-                    moa_config=moa_config or MoAConfig(), spacetime=spacetime)
+                    moa_config=moa_config or MoAConfig(), spacetime=spacetime,
+                    image_encoder_trainable_layers=image_encoder_trainable_layers)
         if moa_weights is not None:
             model.load_trainable_state_dict(load_file(Path(moa_weights) / EXPORT_WEIGHTS))
-        return model
-
-    @classmethod
-    def from_checkpoint(cls, ckpt_path: str | os.PathLike) -> MoAModel:
-        """Rebuild the model from a Lightning checkpoint written by ``train.py``: the base model and MoA
-        settings come from the run configuration stored in it, the weights from its state dict."""
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        run = checkpoint.get("hyper_parameters", {}).get("run_config")
-        if not run:
-            raise ValueError(f"ckpt_path={str(ckpt_path)!r}: no run_config in the checkpoint (not written by train.py?)")
-        settings = run["model"]["model"]
-        model = cls.from_pretrained(run["base_model"], run["image_encoder"], moa_config=settings["moa_config"],
-                                    spacetime=settings["spacetime"], base_model_config=run.get("base_model_config"))
-        state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        missing = trainable - set(state)
-        unexpected = set(state) - trainable
-        if missing or unexpected:
-            raise MoALayoutError(f"ckpt_path={str(ckpt_path)!r}: {len(missing)} MoA weights missing (e.g. "
-                                 f"{sorted(missing)[:2]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})")
-        model.load_state_dict(state, strict=False)
         return model
 
     # ---- trainable state -------------------------------------------------------------------------
@@ -173,10 +146,16 @@ class MoAModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def image_encoder_trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The image encoder's trained parameters (empty when it is frozen), by their names in it."""
+        return {name: p for name, p in self.image_encoder.named_parameters() if p.requires_grad}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """MoA weights only: ``unet.<layer>.<param>`` and ``prompt_encoder.<param>``."""
+        """MoA weights only: ``unet.<layer>.<param>``, ``prompt_encoder.<param>`` and, when some of its
+        layers train, ``image_encoder.<param>``."""
         state = {f"unet.{k}": v for k, v in moa_state_dict(self.unet).items()}
         state.update({f"prompt_encoder.{k}": v for k, v in self.prompt_encoder.state_dict().items()})
+        state.update({f"image_encoder.{k}": v for k, v in self.image_encoder_trainable_state_dict().items()})
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -184,6 +163,12 @@ class MoAModel(nn.Module):
         self.prompt_encoder.load_state_dict(
             {k[len("prompt_encoder."):]: v for k, v in state.items() if k.startswith("prompt_encoder.")}
         )
+        encoder_state = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
+        expected = set(self.image_encoder_trainable_state_dict())
+        if set(encoder_state) != expected:
+            raise MoALayoutError(f"MoA weights hold {len(encoder_state)} image-encoder tensors, this model trains "
+                                 f"{len(expected)} (image_encoder_trainable_layers={self.image_encoder_trainable_layers})")
+        self.image_encoder.load_state_dict(encoder_state, strict=False)
 
     def export_moa(self, out_dir: str | os.PathLike) -> Path:
         """Write ``moa.safetensors`` and ``moa_config.json`` (what is needed to rebuild the layers)."""
@@ -194,6 +179,7 @@ class MoAModel(nn.Module):
         save_file(tensors, tmp)
         os.replace(tmp, out_dir / EXPORT_WEIGHTS)
         config = {"moa_config": self.moa_config.to_dict(), "spacetime": self.spacetime,
+                  "image_encoder_trainable_layers": self.image_encoder_trainable_layers,
                   "text_dim": self.text_encoder.config.hidden_size,
                   "image_dim": self.image_encoder.config.projection_dim}
         (out_dir / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -206,7 +192,8 @@ class MoAModel(nn.Module):
         return self.text_encoder(input_ids)[0]
 
     def encode_subjects(self, subject_pixels: torch.Tensor) -> torch.Tensor:
-        """(batch, subjects, 3, size, size), normalised for the image encoder -> (batch, subjects, image_dim)."""
+        """(batch, subjects, 3, size, size), normalised for the image encoder -> (batch, subjects, image_dim).
+        Differentiable: the caller decides whether gradients are needed (``torch.no_grad``)."""
         batch, subjects = subject_pixels.shape[:2]
         features = self.image_encoder(pixel_values=subject_pixels.flatten(0, 1).to(self.image_encoder.dtype)).image_embeds
         return features.view(batch, subjects, -1)

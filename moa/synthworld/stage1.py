@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from moa.checks import check_pretrained_path
-from moa.training import empty_caption_ids, step_generator
+from moa.data.transforms import empty_caption_ids
+from moa.pretrained import check_pretrained_path
+from moa.seeding import step_generator
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""OmegaConf resolvers used by the configs (registered once, on import)."""
+"""Where the Hydra configs live, and the OmegaConf resolvers they use (registered once, on import)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+# conf/ beside the package: the entry points run from a checkout (README: pip install -e).
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def wandb_offline() -> bool:

@@ -13,11 +13,12 @@ Layout written (the same one ``FFHQWildDataset`` reads)::
     root/<id[:5]>/<id>.json   {"caption", "segments": [{"id", "bbox": [x1, y1, x2, y2], "end",
                                                         "coco_label", "word", "reference"}]}
     root/<id[:5]>/<id>_ref<k>.jpg|.npy   person k alone, another pose, studio background (SynthWorld's
-                                        addition; ``data.subject_source=reference`` uses it)
+                                        addition; read through ``ReferenceRenders``)
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -28,10 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from moa.data.ffhq import CorruptSampleError
+from moa.data.transforms import image_to_tensor, mask_bbox
+from moa.seeding import derived_seed
+
 log = logging.getLogger(__name__)
+
+# Segment ids of the world's maps: the place 1, people PERSON_SEGMENTS (in caption order), the object 20.
+PLACE_SEGMENT = 1
+PERSON_SEGMENTS = range(10, 20)
+OBJECT_SEGMENT = 20
+# Scene size of the SynthWorld reproduction (the tiny prior's resolution; the embedded default renders larger).
+IMAGE_SIZE = 64
 
 SKIN = {"pale": (241, 206, 180), "tan": (205, 150, 110), "brown": (150, 95, 60), "dark": (90, 56, 38)}
 HAIR_COLOUR = {"black": (25, 20, 20), "blond": (235, 200, 90), "red": (180, 60, 30), "grey": (160, 160, 165),
@@ -122,7 +135,7 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int) -
     segmap = Image.new("I", (size, size), 0)
     canvas, labels = ImageDraw.Draw(image), ImageDraw.Draw(segmap)
     canvas.rectangle((0, horizon, size, size), fill=floor)
-    labels.rectangle((0, horizon, size, size), fill=1)
+    labels.rectangle((0, horizon, size, size), fill=PLACE_SEGMENT)
     holds = rng.random() < 0.6
     obj, obj_colour = rng.choice(list(OBJECTS)), rng.choice(list(OBJECT_COLOUR))
 
@@ -133,7 +146,7 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int) -
         ground = min(size - 1.0, horizon + size * rng.uniform(0.15, 0.4) + (height - size * 0.55) * 0.3)
         cx = size * (slots[index] + rng.uniform(0.6, 1.4)) / (len(identities) * 2 + 1)
         person_hand = _draw_person(canvas, labels, identity, cx=cx, ground=ground, height=height,
-                                   segment_id=10 + index, arm_up=holds and index == 0)
+                                   segment_id=PERSON_SEGMENTS[index], arm_up=holds and index == 0)
         hand = hand or person_hand
     obj_r = size * 0.07
     ox, oy = hand if holds else (size * rng.uniform(0.1, 0.9), size * rng.uniform(0.75, 0.9))
@@ -141,22 +154,24 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int) -
     box = (ox - obj_r, oy - obj_r, ox + obj_r, oy + obj_r)
     if obj == "ball":
         canvas.ellipse(box, fill=colour)
-        labels.ellipse(box, fill=20)
+        labels.ellipse(box, fill=OBJECT_SEGMENT)
     elif obj == "cup":
         canvas.rectangle((box[0] + obj_r * 0.4, box[1], box[2] - obj_r * 0.4, box[3]), fill=colour)
-        labels.rectangle((box[0] + obj_r * 0.4, box[1], box[2] - obj_r * 0.4, box[3]), fill=20)
+        labels.rectangle((box[0] + obj_r * 0.4, box[1], box[2] - obj_r * 0.4, box[3]), fill=OBJECT_SEGMENT)
     else:
         canvas.line([(ox, oy + obj_r), (ox, oy - obj_r * 0.3)], fill=(30, 130, 40), width=2)
-        labels.line([(ox, oy + obj_r), (ox, oy - obj_r * 0.3)], fill=20, width=2)
+        labels.line([(ox, oy + obj_r), (ox, oy - obj_r * 0.3)], fill=OBJECT_SEGMENT, width=2)
         canvas.ellipse((ox - obj_r * 0.6, oy - obj_r, ox + obj_r * 0.6, oy - obj_r * 0.1), fill=colour)
-        labels.ellipse((ox - obj_r * 0.6, oy - obj_r, ox + obj_r * 0.6, oy - obj_r * 0.1), fill=20)
+        labels.ellipse((ox - obj_r * 0.6, oy - obj_r, ox + obj_r * 0.6, oy - obj_r * 0.1), fill=OBJECT_SEGMENT)
 
     context = {"place": place, "object": obj, "object_colour": obj_colour, "holding": holds}
     caption, ends = compose_caption([identity.word for identity in identities], context)
     seg = np.asarray(segmap, dtype=np.int32)
     segments = []
-    words = {10 + i: identity.word for i, identity in enumerate(identities)} | {20: obj, 1: place.split()[-1]}
-    coco = {10 + i: "person" for i in range(len(identities))} | {20: OBJECTS[obj], 1: floor_label}
+    words = ({PERSON_SEGMENTS[i]: identity.word for i, identity in enumerate(identities)}
+             | {OBJECT_SEGMENT: obj, PLACE_SEGMENT: place.split()[-1]})
+    coco = ({PERSON_SEGMENTS[i]: "person" for i in range(len(identities))}
+            | {OBJECT_SEGMENT: OBJECTS[obj], PLACE_SEGMENT: floor_label})
     for segment_id in sorted(ends):
         ys, xs = np.nonzero(seg == segment_id)
         if len(xs) == 0:
@@ -171,16 +186,16 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int) -
 def compose_caption(words: list[str], context: dict) -> tuple[str, dict[int, int]]:
     """The world's caption for people called ``words`` in ``context`` (keys place, object,
     object_colour, holding), and the character index where each noun phrase ends (FastComposer's
-    "end"), by segment id: people 10, 11, ..., the object 20, the place 1."""
+    "end"), by segment id (``PERSON_SEGMENTS``, ``OBJECT_SEGMENT``, ``PLACE_SEGMENT``)."""
     parts, ends = [], {}
     for index, word in enumerate(words):
         if index:
             parts.append(" and ")
         parts.append(f"a {word}")
-        ends[10 + index] = len("".join(parts))
+        ends[PERSON_SEGMENTS[index]] = len("".join(parts))
     parts.append(" holding " if context["holding"] else " next to ")
     parts.append(f"a {context['object_colour']} {context['object']}")
-    ends[20] = len("".join(parts))
+    ends[OBJECT_SEGMENT] = len("".join(parts))
     parts.append(f" {context['place']}")
     caption = "".join(parts)
     ends[1] = len(caption)
@@ -229,10 +244,10 @@ def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size
         folder = sample_dir(staging, image_id)
         folder.mkdir(exist_ok=True)
         # Reference renders draw from their own generator, so the scenes do not depend on them.
-        reference_rng = random.Random(seed * 1_000_003 + index)
+        reference_rng = random.Random(derived_seed(seed, index))
         for segment in annotation["segments"]:
             if segment["coco_label"] == "person":
-                slot = segment["id"] - 10
+                slot = segment["id"] - PERSON_SEGMENTS.start
                 reference, reference_seg = render_reference(reference_rng, identities[slot], size=size)
                 segment["reference"] = f"{image_id}_ref{slot}"
                 reference.save(folder / f"{segment['reference']}.jpg", quality=95)
@@ -251,6 +266,34 @@ def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size
         shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %d synthetic FFHQ-wild samples to %s", num_samples, root)
     return root
+
+
+def read_reference(store, reference_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reference render from a store: image (3, H, W) in [0, 1] and figure mask (H, W) {0, 1}."""
+    with Image.open(io.BytesIO(store.read(reference_id, "jpg"))) as opened:
+        image = image_to_tensor(opened.convert("RGB"))
+    mask = torch.from_numpy(np.load(io.BytesIO(store.read(reference_id, "npy")), allow_pickle=False) > 0).float()
+    return image, mask
+
+
+class ReferenceRenders:
+    """Subject source for ``FFHQWildDataset`` (``data.subject_source``): each subject's reference
+    render (another pose, studio background) instead of its crop from the target image, so identity
+    cannot be copied from the target's pose."""
+
+    def __call__(self, store, image_id: str, segment: dict, image: torch.Tensor, mask: torch.Tensor):
+        reference_id = segment.get("reference")
+        if not reference_id:
+            raise CorruptSampleError(f"{image_id}: segment {segment['id']} has no reference render "
+                                     "(ReferenceRenders needs SynthWorld data)")
+        try:
+            reference, reference_mask = read_reference(store, reference_id)
+        except (OSError, ValueError) as error:
+            raise CorruptSampleError(f"{image_id}: unreadable reference render {reference_id} ({error})") from error
+        bbox = mask_bbox(reference_mask)
+        if bbox is None:
+            raise CorruptSampleError(f"{image_id}: reference render {reference_id} has an empty mask")
+        return reference, reference_mask, bbox
 
 
 def caption_corpus(num_samples: int = 2000, seed: int = 1) -> list[str]:

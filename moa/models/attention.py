@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from moa.inputs import MoAInputs
+from moa.models.inputs import MoAInputs
 
 
 class Router(nn.Module):

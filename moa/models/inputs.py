@@ -8,6 +8,7 @@ object is made for every U-Net call, so nothing leaks between steps.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -48,3 +49,19 @@ class MoAInputs:
         """(batch, tokens, text_dim) personalized condition of transformer block ``block_index``."""
         condition = self.personalized_condition
         return condition[:, block_index if condition.shape[1] > 1 else 0]
+
+
+def pixel_map_to_grid(pixel_map: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Reshape a flattened map (batch, pixels[, channels]) of a U-Net layer to (batch, channels, h, w).
+
+    ``(height, width)`` is any reference size with the image's aspect ratio (latent or pixels): the
+    layer's grid is the one with that aspect ratio and ``pixels`` cells.
+    """
+    if pixel_map.ndim == 2:
+        pixel_map = pixel_map[..., None]
+    batch, pixels, channels = pixel_map.shape
+    h = round(math.sqrt(pixels * height / width))
+    w = pixels // max(h, 1)
+    if h * w != pixels:
+        raise ValueError(f"a map of {pixels} pixels has no grid with the aspect ratio of {height}x{width}")
+    return pixel_map.transpose(1, 2).reshape(batch, channels, h, w)

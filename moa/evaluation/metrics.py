@@ -31,7 +31,7 @@ RANDOM_WEIGHTS_LABEL = "RANDOM WEIGHTS (test-only: identity scores are meaningle
 
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL images -> (n, 3, H, W) float in [0, 1]."""
-    from moa.data.ffhq import image_to_tensor
+    from moa.data.transforms import image_to_tensor
 
     return torch.stack([image_to_tensor(i.convert("RGB")) for i in images])
 
@@ -221,7 +221,7 @@ def subject_region(router_maps: dict[str, torch.Tensor] | None, *, image_size: t
     personalized expert). Without router maps (e.g. the no_moa ablation): the detected face boxes,
     grown to cover head and shoulders.
     """
-    from moa.losses import pixel_map_to_grid
+    from moa.models.inputs import pixel_map_to_grid
 
     height, width = image_size
     if router_maps:

@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def pixel_map_to_grid(pixel_map: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Reshape a flattened map (batch, pixels[, channels]) of a U-Net layer to (batch, channels, h, w).
-
-    ``(height, width)`` is any reference size with the image's aspect ratio (latent or pixels): the
-    layer's grid is the one with that aspect ratio and ``pixels`` cells.
-    """
-    if pixel_map.ndim == 2:
-        pixel_map = pixel_map[..., None]
-    batch, pixels, channels = pixel_map.shape
-    h = round(math.sqrt(pixels * height / width))
-    w = pixels // max(h, 1)
-    if h * w != pixels:
-        raise ValueError(f"a map of {pixels} pixels has no grid with the aspect ratio of {height}x{width}")
-    return pixel_map.transpose(1, 2).reshape(batch, channels, h, w)
+from moa.models.inputs import pixel_map_to_grid
 
 
 class MaskedDenoisingLoss(nn.Module):
@@ -36,12 +20,26 @@ class MaskedDenoisingLoss(nn.Module):
         return squared.sum() / (mask.sum() * prediction.shape[1]).clamp(min=1.0)
 
 
+ROUTER_LOSS_REDUCTIONS = ("sum_per_image", "mean")
+
+
 class RouterLoss(nn.Module):
     """``|| (1 - M) * (1 - R0_bar) ||^2``: background pixels should use the prior expert.
 
     ``R0_bar`` is the mean over the loss layers of each layer's prior weight, resized (bilinear) to the
-    latent resolution. The foreground is left free. Mean over all latent pixels.
+    latent resolution. The foreground is left free.
+
+    reduction: ``"sum_per_image"`` (default; our reading of eq. 9, whose squared L2 norm is a sum over
+    the latent pixels of one image: summed per image, then averaged over the batch, so lambda_r = 1e-4
+    weighs it as the paper does) or ``"mean"`` (over every pixel of the batch: 1 / (h * w) as strong;
+    at 64x64 latents that is 4096x weaker, enough to leave the routers unsupervised under Adam).
     """
+
+    def __init__(self, reduction: str = "sum_per_image"):
+        super().__init__()
+        if reduction not in ROUTER_LOSS_REDUCTIONS:
+            raise ValueError(f"model.router_loss_reduction={reduction!r}: expected one of {ROUTER_LOSS_REDUCTIONS}")
+        self.reduction = reduction
 
     def forward(self, router_maps: dict[str, torch.Tensor], foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """router_maps: name -> (batch, pixels) prior weight; foreground (batch, 1, h, w).
@@ -52,7 +50,8 @@ class RouterLoss(nn.Module):
                           align_corners=False)
             for m in router_maps.values()
         ]).mean(dim=0)
-        loss = ((1.0 - foreground) * (1.0 - prior_weight)).pow(2).mean()
+        squared = ((1.0 - foreground) * (1.0 - prior_weight)).pow(2)
+        loss = squared.flatten(1).sum(1).mean() if self.reduction == "sum_per_image" else squared.mean()
         return loss, prior_weight
 
 
@@ -60,8 +59,9 @@ class ObjectLocalizationLoss(nn.Module):
     """FastComposer's balanced L1 localisation loss on the personalized experts' cross-attention.
 
     For each subject ``s`` and layer: ``mean_background(A_s) - mean_foreground(A_s)`` with ``A_s`` the
-    attention probability (softmax over tokens, mean over heads) at the subject's token; averaged over
-    valid subjects, then over layers.
+    attention probability (softmax over tokens, mean over heads) at the subject's token. Averaged as
+    FastComposer does: over each sample's valid subjects, then over the batch (a sample without
+    subjects, e.g. one whose condition was dropped, counts as 0), then over layers.
     """
 
     def forward(self, subject_attention: dict[str, torch.Tensor], subject_masks: torch.Tensor,
@@ -79,6 +79,6 @@ class ObjectLocalizationLoss(nn.Module):
             background = 1.0 - masks
             background_mean = (probs * background).sum(-1) / (background.sum(-1) + 1e-5)
             foreground_mean = (probs * masks).sum(-1) / (masks.sum(-1) + 1e-5)
-            per_subject = (background_mean - foreground_mean) * valid
-            losses.append(per_subject.sum() / valid.sum().clamp(min=1.0))
+            per_subject = (background_mean - foreground_mean) * valid  # (b, subjects)
+            losses.append((per_subject.sum(-1) / valid.sum(-1).clamp(min=1.0)).mean())
         return torch.stack(losses).mean()

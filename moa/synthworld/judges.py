@@ -13,7 +13,6 @@ held-out renders and on the prior VAE's reconstructions of them is reported with
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -23,21 +22,25 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moa.data.ffhq import FolderStore, image_to_tensor, read_raw_sample
-from moa.data.synthetic import (
+from moa.data.ffhq import read_raw_sample
+from moa.data.stores import FolderStore
+from moa.data.transforms import image_to_tensor
+from moa.seeding import derived_seed
+from moa.synthworld.world import (
     BACKGROUNDS,
     HAIR_COLOUR,
     HAIR_STYLE,
     OBJECT_COLOUR,
     OBJECTS,
+    PERSON_SEGMENTS,
     SHIRT_COLOUR,
     SHIRT_PATTERN,
     SKIN,
     WORDS,
+    read_reference,
 )
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,6 @@ ATTRIBUTES = {"word": WORDS, "skin": tuple(SKIN), "hair_colour": tuple(HAIR_COLO
 IDENTITY_ATTRIBUTES = ("skin", "hair_colour", "hair_style", "shirt_colour", "shirt_pattern")
 CONTEXT = {"place": tuple(BACKGROUNDS), "object": tuple(OBJECTS), "object_colour": tuple(OBJECT_COLOUR),
            "holding": (False, True)}
-PERSON_SEGMENTS = range(10, 20)  # segment ids the world gives people (moa.data.synthetic)
 CROP_SIZE = 32
 JUDGES_FILE, JUDGES_CONFIG = "judges.safetensors", "judges.json"
 
@@ -159,9 +161,7 @@ class WorldLabels:
                 crops.append(square_crop(image, person))
                 attributes.append(_labels(identity, ATTRIBUTES))
                 if segment.get("reference"):
-                    reference = image_to_tensor(Image.open(io.BytesIO(store.read(segment["reference"], "jpg"))))
-                    reference_mask = torch.from_numpy(np.load(io.BytesIO(store.read(segment["reference"], "npy"))))
-                    crops.append(square_crop(reference, reference_mask.float()))
+                    crops.append(square_crop(*read_reference(store, segment["reference"])))
                     attributes.append(_labels(identity, ATTRIBUTES))
         self.scenes, self.person_masks = torch.stack(scenes), torch.stack(masks)
         self.context = torch.tensor(context)
@@ -208,7 +208,7 @@ class JudgeLitModule(pl.LightningModule):
         return torch.utils.data.DataLoader(range(10**9), batch_size=1)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.global_step))
         scenes = torch.randint(len(self.data.scenes), (self.batch_size,), generator=generator)
         crops = torch.randint(len(self.data.crops), (self.batch_size,), generator=generator)
         scene_images = degrade(self.data.scenes[scenes], generator)

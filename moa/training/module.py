@@ -12,37 +12,28 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from moa.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss
-from moa.model import MoAModel
-from moa.unet import loss_layer_names
+from moa.data.transforms import empty_caption_ids
+from moa.models.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss
+from moa.models.model import MoAModel
+from moa.models.unet import loss_layer_names
+from moa.seeding import step_generator
 
 log = logging.getLogger(__name__)
-
-
-def step_generator(module: pl.LightningModule, seed: int) -> torch.Generator:
-    """All of a training step's randomness, seeded by (seed, global step, rank): a resumed run
-    draws exactly what an uninterrupted one would have."""
-    generator = torch.Generator(device=module.device)
-    generator.manual_seed((seed * 1_000_003 + module.global_step) * 4099 + module.global_rank)
-    return generator
-
-
-def empty_caption_ids(tokenizer) -> torch.Tensor:
-    """(tokens,) ids of the empty caption, used where the condition is dropped."""
-    return tokenizer("", max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                     return_tensors="pt").input_ids[0]
 
 
 class MoALitModule(pl.LightningModule):
     """Trains the personalized experts, routers and multimodal prompt encoder; everything else is frozen.
 
-    Loss: ``L_masked + lambda_router * L_router + lambda_object * L_object`` (see ``moa.losses``).
+    Loss: ``L_masked + lambda_router * L_router + lambda_object * L_object`` (see ``moa.models.losses``).
 
     Args:
-        model: the ``MoAModel`` (frozen prior + trainable MoA parts).
+        net: the ``MoAModel`` (frozen prior + trainable MoA parts), kept as ``self.model``.
         optimizer: factory ``params -> Optimizer`` (Hydra ``_partial_: true``).
         lr_scheduler: optional factory ``optimizer -> LRScheduler``, stepped every optimizer step.
-        lambda_router, lambda_object: loss weights (paper: 1e-4 each).
+        lambda_router, lambda_object: loss weights (paper: 1e-4 each; non-negative).
+        router_loss_reduction: ``"sum_per_image"`` (eq. 9, default) or ``"mean"`` (see ``RouterLoss``).
+        image_encoder_lr: learning rate of the image encoder's trainable layers (``net``'s
+            ``image_encoder_trainable_layers``); None: the optimizer's rate.
         condition_dropout: probability of dropping text and subjects together (classifier-free guidance).
         max_timestep: timesteps are drawn from ``[0, max_timestep)`` (paper: 800).
         gradient_checkpointing: recompute U-Net activations in backward (``use_reentrant=False``).
@@ -55,21 +46,28 @@ class MoALitModule(pl.LightningModule):
     so checkpoints load with ``torch.load(weights_only=True)``).
     """
 
-    def __init__(self, *, model: MoAModel, optimizer: Callable, lr_scheduler: Callable | None = None,
-                 lambda_router: float = 1e-4, lambda_object: float = 1e-4, condition_dropout: float = 0.1,
+    def __init__(self, *, net: MoAModel, optimizer: Callable, lr_scheduler: Callable | None = None,
+                 lambda_router: float = 1e-4, lambda_object: float = 1e-4,
+                 router_loss_reduction: str = "sum_per_image", image_encoder_lr: float | None = None,
+                 condition_dropout: float = 0.1,
                  max_timestep: int = 800, gradient_checkpointing: bool = False, channels_last: bool = False,
                  compile_unet: bool = False, seed: int = 0):
         super().__init__()
-        self.model = model
+        self.model = model = net
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        for name, weight in (("lambda_router", lambda_router), ("lambda_object", lambda_object)):
+            if weight < 0:
+                raise ValueError(f"model.{name}={weight}: a loss weight must be >= 0")
         self.lambda_router, self.lambda_object = lambda_router, lambda_object
+        self.image_encoder_lr = image_encoder_lr
         self.condition_dropout, self.max_timestep, self.seed = condition_dropout, max_timestep, seed
         if not 0 < max_timestep <= model.noise_scheduler.config.num_train_timesteps:
             raise ValueError(f"model.max_timestep={max_timestep}: expected 1..{model.noise_scheduler.config.num_train_timesteps}")
-        self.save_hyperparameters({"lambda_router": lambda_router,
-                                   "lambda_object": lambda_object, "condition_dropout": condition_dropout,
+        self.save_hyperparameters({"lambda_router": lambda_router, "router_loss_reduction": router_loss_reduction,
+                                   "image_encoder_lr": image_encoder_lr, "lambda_object": lambda_object, "condition_dropout": condition_dropout,
                                    "max_timestep": max_timestep, "seed": seed})
-        self.masked_loss, self.router_loss, self.object_loss = MaskedDenoisingLoss(), RouterLoss(), ObjectLocalizationLoss()
+        self.masked_loss, self.object_loss = MaskedDenoisingLoss(), ObjectLocalizationLoss()
+        self.router_loss = RouterLoss(router_loss_reduction)
         self.loss_layers = loss_layer_names(model.unet, model.moa_config)
         self.use_router = model.moa_config.variant == "moa"
         if gradient_checkpointing:
@@ -94,7 +92,12 @@ class MoALitModule(pl.LightningModule):
         return self
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.model.trainable_parameters())
+        encoder = list(self.model.image_encoder_trainable_state_dict().values())
+        encoder_ids = {id(p) for p in encoder}
+        groups = [{"params": [p for p in self.model.trainable_parameters() if id(p) not in encoder_ids]}]
+        if encoder:
+            groups.append({"params": encoder, **({"lr": self.image_encoder_lr} if self.image_encoder_lr else {})})
+        optimizer = self.optimizer_factory(groups)
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,
@@ -140,6 +143,8 @@ class MoALitModule(pl.LightningModule):
             input_ids = torch.where(keep[:, None], batch["input_ids"], self.empty_input_ids)
             subject_valid = batch["subject_valid"] & keep[:, None]
             text = model.encode_text(input_ids)
+        # Outside no_grad only when some image-encoder layers train (model.net.image_encoder_trainable_layers).
+        with torch.set_grad_enabled(model.image_encoder_trainable_layers > 0):
             subject_features = model.encode_subjects(batch["subject_pixel_values"])
 
         moa = model.moa_inputs(

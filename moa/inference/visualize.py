@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from moa.losses import pixel_map_to_grid  # noqa: E402
+from moa.models.inputs import pixel_map_to_grid  # noqa: E402
 
 
 def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, *, pad: int = 2,

@@ -13,8 +13,8 @@ from PIL import Image
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from moa.pipeline import MoAPipeline
-from moa.visualize import image_grid, router_map_figure
+from moa.inference.pipeline import MoAPipeline
+from moa.inference.visualize import image_grid, router_map_figure
 
 log = logging.getLogger(__name__)
 

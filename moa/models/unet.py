@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from moa.attention import MoAAttnProcessor
+from moa.models.attention import MoAAttnProcessor
 
 log = logging.getLogger(__name__)
 

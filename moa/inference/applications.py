@@ -13,8 +13,8 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 from PIL import Image
 
-from moa.inputs import MoAInputs
-from moa.pipeline import MoAPipeline, MoAPipelineOutput, Subject
+from moa.inference.pipeline import MoAPipeline, MoAPipelineOutput, Subject
+from moa.models.inputs import MoAInputs
 
 
 def _generators(seed: int, count: int, device) -> list[torch.Generator]:

@@ -1,0 +1,250 @@
+"""SynthWorld's measurements: held-out subjects and contexts, generation with every variant from the
+same prompts and seeds, and the judges' readings of identity, context and disentanglement."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from moa.data.stores import FolderStore
+from moa.evaluation.metrics import Disentanglement
+from moa.inference.pipeline import MoAPipeline, Subject, scheduler_from_name
+from moa.models.model import MoAModel
+from moa.synthworld.judges import ATTRIBUTES, CONTEXT, IDENTITY_ATTRIBUTES, WorldLabels, square_crop
+from moa.synthworld.report import write_figures
+from moa.synthworld.world import WORDS, compose_caption
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TestSubject:
+    """One held-out identity: its reference render (the subject image) and its attributes."""
+    image_id: str
+    word: str
+    reference: Path
+    reference_mask: Path
+    attributes: list[int]  # class indices, order of moa.synthworld.judges.ATTRIBUTES
+
+
+def test_subjects(world: Path, per_word: int) -> dict[str, list[TestSubject]]:
+    """The first ``per_word`` single-person scenes of each word in the world's test split."""
+    store = FolderStore(world)
+    subjects: dict[str, list[TestSubject]] = {word: [] for word in WORDS}
+    for image_id in store.split("test"):
+        annotation = json.loads(store.read(image_id, "json"))
+        if len(annotation["identities"]) != 1:
+            continue
+        identity = annotation["identities"][0]
+        if len(subjects[identity["word"]]) < per_word:
+            reference = next(s["reference"] for s in annotation["segments"] if s.get("reference"))
+            folder = world / image_id[:5]
+            subjects[identity["word"]].append(TestSubject(
+                image_id, identity["word"], folder / f"{reference}.jpg", folder / f"{reference}.npy",
+                [ATTRIBUTES[name].index(identity[name]) for name in ATTRIBUTES]))
+    short = {word: len(found) for word, found in subjects.items() if len(found) < per_word}
+    if short:
+        raise ValueError(f"eval.subjects_per_word={per_word}: the test split of {world} has only {short} "
+                         "single-person scenes; lower it or render a larger world (scale.world_samples)")
+    return subjects
+
+
+def test_contexts(count: int, seed: int) -> list[dict]:
+    """``count`` distinct contexts (place, object, colour, holding), drawn reproducibly."""
+    every = [dict(zip(CONTEXT, values)) for values in itertools.product(*CONTEXT.values())]
+    return random.Random(seed).sample(every, count)
+
+
+def dilate(masks, pixels: int):
+    """Grow (n, 1, H, W) {0, 1} masks by ``pixels`` in every direction."""
+    return F.max_pool2d(masks, 2 * pixels + 1, stride=1, padding=pixels) if pixels else masks
+
+
+def _generate(pipe, prompts: list[str], subject_lists, seed: int, cfg, record: bool = False):
+    """One batch, every image from its own generator seeded with ``seed`` (so a prompt's prior-only
+    and personalized images share their starting noise) -> ((n, 3, H, W) in [0, 1], router maps)."""
+    generators = [torch.Generator().manual_seed(seed) for _ in prompts]
+    output = pipe(prompts, subject_lists, num_inference_steps=cfg.eval.num_inference_steps,
+                  guidance_scale=cfg.eval.guidance_scale, generator=generators, output_type="pt",
+                  record_router_maps=record)
+    return output.images.float().cpu(), output.router_maps
+
+
+def generate_prior(pipe, words, contexts, seeds, cfg) -> dict:
+    """The prior's own image of every (word, context, seed) prompt: {(word, c, seed): (3, H, W)}."""
+    return {(word, c, seed): _generate(pipe, [compose_caption([word], contexts[c])[0]], None, seed, cfg)[0][0]
+            for word in words for c in range(len(contexts)) for seed in seeds}
+
+
+def generate_subjects(pipe, subjects, contexts, seeds, cfg) -> tuple[dict, dict]:
+    """Every subject of each word in every (context, seed) prompt: ({(word, i, c, seed): (3, H, W)},
+    the router maps and caption of the first batch)."""
+    images, router = {}, {}
+    jobs = [(word, c, seed) for word in subjects for c in range(len(contexts)) for seed in seeds]
+    for word, c, seed in tqdm(jobs, desc="generating", leave=False):
+        caption, _ = compose_caption([word], contexts[c])
+        people = subjects[word]
+        subject_lists = [[Subject(s.reference, word, mask=_load_mask(s.reference_mask))] for s in people]
+        batch, maps = _generate(pipe, [caption] * len(people), subject_lists, seed, cfg, record=not router)
+        if not router:
+            router = {"maps": maps, "caption": caption}
+        for i, image in enumerate(batch):
+            images[(word, i, c, seed)] = image
+    return images, router
+
+
+def _load_mask(path: Path):
+    return np.load(path) > 0
+
+
+def score_variant(images: dict, subjects, contexts, judges, cfg) -> dict:
+    """Identity, context and disentanglement of one variant's images, judged. images: {"subject":
+    generate_subjects' images, "prior": generate_prior's}."""
+    identity_columns = [list(ATTRIBUTES).index(name) for name in IDENTITY_ATTRIBUTES]
+    context_truth = torch.tensor([[list(CONTEXT[k]).index(v) for k, v in context.items()] for context in contexts])
+
+    def identity_hits(keyed_images: dict, subject_of) -> torch.Tensor:
+        keys = list(keyed_images)
+        batch = torch.stack([keyed_images[k] for k in keys])
+        read = judges.read_subject(batch)
+        truth = torch.tensor([subject_of(k).attributes for k in keys])
+        return (read[:, identity_columns] == truth[:, identity_columns]).float()  # (n, 5)
+
+    def context_hits(keyed_images: dict, context_of) -> torch.Tensor:
+        keys = list(keyed_images)
+        read = judges.read_context(torch.stack([keyed_images[k] for k in keys]))
+        return (read == context_truth[[context_of(k) for k in keys]]).float()  # (n, 4)
+
+    subject_hits = identity_hits(images["subject"], lambda k: subjects[k[0]][k[1]])
+    # The prior's own images judged against each subject: the accuracy that needs no subject at all.
+    prior_as_subject = {(w, i, c, s): images["prior"][(w, c, s)] for (w, i, c, s) in images["subject"]}
+    prior_hits = identity_hits(prior_as_subject, lambda k: subjects[k[0]][k[1]])
+    subject_context_hits = context_hits(images["subject"], lambda k: k[2])
+    results = {
+        "identity_accuracy": subject_hits.mean().item(),
+        "identity_accuracy_per_attribute": dict(zip(IDENTITY_ATTRIBUTES, subject_hits.mean(0).tolist())),
+        "identity_accuracy_of_prior_images": prior_hits.mean().item(),
+        "context_accuracy": subject_context_hits.mean().item(),
+        "context_accuracy_per_factor": dict(zip(CONTEXT, subject_context_hits.mean(0).tolist())),
+        "prior_context_accuracy": context_hits(images["prior"], lambda k: k[1]).mean().item(),
+        # judged decisions behind each accuracy, for its standard error
+        "identity_decisions": subject_hits.numel(),
+        "context_decisions": len(images["subject"]) * len(CONTEXT),
+        "prior_context_decisions": len(images["prior"]) * len(CONTEXT),
+    }
+
+    # Swap subject i for subject i+1 (same word, prompt and seed), and subject vs prior-only.
+    swap, versus_prior = Disentanglement(), Disentanglement()
+    for (word, i, c, seed), image in images["subject"].items():
+        count = len(subjects[word])
+        prior = images["prior"][(word, c, seed)]
+        if count > 1:
+            other = images["subject"][(word, (i + 1) % count, c, seed)]
+            region = dilate(torch.maximum(judges.person_masks(image[None]), judges.person_masks(other[None])),
+                            cfg.eval.region_dilation)
+            swap.update(image[None], other[None], region)
+        region = dilate(torch.maximum(judges.person_masks(image[None]), judges.person_masks(prior[None])),
+                        cfg.eval.region_dilation)
+        versus_prior.update(image[None], prior[None], region)
+    if any(len(people) > 1 for people in subjects.values()):
+        results["swap"] = {k: v.item() for k, v in swap.compute().items()}
+    results["versus_prior"] = {k: v.item() for k, v in versus_prior.compute().items()}
+    return results
+
+
+def chance_identity_accuracy() -> float:
+    """Mean over the five identity attributes of 1 / number of classes (uniform guessing)."""
+    return sum(1 / len(ATTRIBUTES[name]) for name in IDENTITY_ATTRIBUTES) / len(IDENTITY_ATTRIBUTES)
+
+
+def judge_calibration(judges, world: Path, prior: str) -> dict:
+    """The judges on held-out renders, and on the prior VAE's reconstructions of the same scenes (people
+    re-cut from the reconstructions at their true masks): the most any generation decoded by that VAE
+    could score."""
+    test = WorldLabels(world, "test")
+    renders = judges.accuracy_on(test)
+    vae = AutoencoderKL.from_pretrained(prior, subfolder="vae").eval()
+    with torch.no_grad():
+        test.scenes = (vae.decode(vae.encode(test.scenes * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    crop_index = [c for c, _, _ in test.scene_people]
+    test.crops = torch.stack([square_crop(test.scenes[s], mask) for _, s, mask in test.scene_people])
+    test.attributes = test.attributes[crop_index]
+    return {"renders": renders, "vae_reconstructions": judges.accuracy_on(test)}
+
+
+def evaluate_variants(cfg: DictConfig, out: Path, world: Path, prior: str, image_encoder: str, weights: dict[str, Path],
+             judges) -> dict:
+    """Generate and judge every variant; write figures and return the results."""
+    subjects = test_subjects(world, cfg.eval.subjects_per_word)
+    contexts = test_contexts(cfg.eval.contexts, cfg.seed)
+    seeds = list(range(cfg.eval.seeds))
+    results = {"chance_identity_accuracy": chance_identity_accuracy(), "variants": {},
+               "protocol": {"subjects": {w: [s.image_id for s in people] for w, people in subjects.items()},
+                            "contexts": contexts, "seeds": seeds, "num_inference_steps": cfg.eval.num_inference_steps,
+                            "guidance_scale": cfg.eval.guidance_scale, "scheduler": cfg.eval.scheduler}}
+    prior_images = None
+    for variant, moa_weights in weights.items():
+        model = MoAModel.from_pretrained(prior, image_encoder, moa_weights=moa_weights)
+        pipe = MoAPipeline.from_moa_model(model, scheduler_from_name(cfg.eval.scheduler, model.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        if prior_images is None:  # without subjects every variant is the same prior, exactly
+            prior_images = generate_prior(pipe, list(subjects), contexts, seeds, cfg)
+            results["prior_sensitivity"] = prior_sensitivity(prior_images)
+        subject_images, router = generate_subjects(pipe, subjects, contexts, seeds, cfg)
+        images = {"subject": subject_images, "prior": prior_images, "router": router}
+        results["variants"][variant] = {**score_variant(images, subjects, contexts, judges, cfg),
+                                        "training": training_summary(Path(moa_weights).parent)}
+        write_figures(out, variant, images, subjects, contexts, seeds, pipe.vae_scale_factor)
+        log.info("%s: %s", variant, json.dumps(results["variants"][variant]))
+    return results
+
+
+def prior_sensitivity(prior_images: dict) -> dict:
+    """How much the prior's image changes (mean abs pixel difference, same seed) when the prompt's
+    person word changes ("man" -> "woman") and when its context changes. A prior that ignores the
+    word gives the personalized experts, copied from it, no path from the subject's token to the image.
+
+    prior_images: {(word, context index, seed): (3, H, W)} as from ``generate_prior``.
+    """
+    words = sorted({word for word, _, _ in prior_images})
+    contexts = sorted({c for _, c, _ in prior_images})
+    word_pairs, context_pairs = [], []
+    for word, c, seed in prior_images:
+        if len(words) > 1 and word == words[0]:
+            word_pairs.append(((word, c, seed), (words[1], c, seed)))
+        if len(contexts) > 1:
+            context_pairs.append(((word, c, seed), (word, contexts[(contexts.index(c) + 1) % len(contexts)], seed)))
+
+    def mean_change(pairs) -> float:
+        changes = [(prior_images[a] - prior_images[b]).abs().mean().item() for a, b in pairs]
+        return sum(changes) / len(changes) if changes else float("nan")
+
+    return {"word_change_mae": mean_change(word_pairs), "context_change_mae": mean_change(context_pairs)}
+
+
+def training_summary(run_dir: Path, last: int = 50) -> dict:
+    """Means over the last ``last`` logged steps of a stage-2 run's CSV log: loss and the router's mean
+    prior weight on background and subject pixels (is the router learning to separate them?)."""
+    rows = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path, newline="") as handle:
+            rows += [r for r in csv.DictReader(handle) if r.get("train/loss")]
+    summary = {}
+    for key in ("train/loss", "train/router_prior_weight_background", "train/router_prior_weight_foreground"):
+        values = [float(r[key]) for r in rows[-last:] if r.get(key)]
+        if values:
+            summary[key.removeprefix("train/")] = sum(values) / len(values)
+    return summary
+

@@ -1,0 +1,133 @@
+"""SynthWorld end to end: ``python -m moa.synthworld`` (config ``conf/synthworld.yaml``).
+
+1. the world: scenes, masks, captions and reference renders (``moa.synthworld.world``);
+2. stage 1: the tiny VAE and prior (``experiment=synth_vae``, ``synth_prior``), or the committed prior;
+3. stage 2: MoA and its ablations on that frozen prior (``experiment=synth_moa`` ...);
+4. the judges (``moa.synthworld.judges``), trained on the world's renders;
+5. measurement (``moa.synthworld.measure``): the same prompts and seeds for every variant, prior-only
+   included, read by the judges; the report and figures (``moa.synthworld.report``).
+
+Stages 2 and 3 are ``python -m moa.training experiment=<name>`` runs (the same code as ``train.py``)
+in subprocesses; each experiment's config holds its own step counts and batch sizes, and the only
+overrides added are paths and, at ``scale=smoke``, the scale's listed ``stage_overrides`` (every
+command is logged). A finished stage is skipped and an interrupted one resumes, so re-running the
+command resumes the reproduction. Writes ``results.md``, ``results.json``, ``timings.json`` and figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from moa.config import CONFIG_DIR, asset
+
+log = logging.getLogger(__name__)
+
+
+class Timings:
+    """Wall time per stage, kept in ``timings.json`` across resumed runs (a skipped stage keeps the
+    time it took when it ran)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds = json.loads(path.read_text()) if path.exists() else {}
+
+    def record(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = round(seconds, 1)
+        self.path.write_text(json.dumps(self.seconds, indent=2) + "\n")
+
+
+def run_stage(stage: str, overrides: list[str], done: Path, timings: Timings) -> None:
+    """``python -m moa.training <overrides>`` unless ``done`` exists; its output goes to the stage's log."""
+    if done.exists():
+        log.info("stage %s: already done (%s)", stage, done)
+        return
+    command = [sys.executable, "-m", "moa.training", *overrides]
+    log.info("stage %s: python %s", stage, " ".join(command[1:]))
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not done.exists():
+        raise RuntimeError(f"stage {stage} failed (exit {result.returncode}); its last output:\n{result.stderr[-3000:]}")
+    timings.record(stage, time.perf_counter() - start)
+    log.info("stage %s: done in %.0f s", stage, timings.seconds[stage])
+
+
+def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> tuple[str, str, dict[str, Path]]:
+    """Stages 1 and 2; returns (prior folder, image encoder folder, variant -> exported MoA weights)."""
+    cache = out / "cache"
+    common = [f"paths.cache_dir={cache}", f"embedded.data_root={world}", f"seed={cfg.seed}", "logger=csv",
+              *cfg.scale.stage_overrides]
+    if cfg.prior == "train":
+        run_stage("stage1_vae", [*common, "experiment=synth_vae", f"hydra.run.dir={out}/stage1_vae",
+                                 f"export_dir={out}/vae"], out / "vae" / "model_index.json", timings)
+        run_stage("stage1_prior", [*common, "experiment=synth_prior", f"hydra.run.dir={out}/stage1_prior",
+                                   f"base_model={out}/vae", f"export_dir={out}/prior"],
+                  out / "prior" / "model_index.json", timings)
+        prior = str(out / "prior")
+    else:
+        prior = asset("synth-prior")
+    weights = {}
+    for variant in cfg.variants:
+        run_dir = out / variant
+        run_stage(variant, [*common, f"experiment={variant}", f"hydra.run.dir={run_dir}", f"base_model={prior}"],
+                  run_dir / "moa_weights" / "moa.safetensors", timings)
+        weights[variant] = run_dir / "moa_weights"
+    return prior, str(cache / "tiny-components" / "clip"), weights
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail on a bad choice before any stage runs."""
+    if cfg.prior not in ("train", "committed"):
+        raise ValueError(f"prior={cfg.prior!r}: expected 'train' or 'committed'")
+    experiments = Path(CONFIG_DIR) / "experiment"
+    unknown = [v for v in cfg.variants if not (experiments / f"{v}.yaml").exists()]
+    if unknown:
+        raise ValueError(f"variants: {unknown} are not experiments in {experiments}")
+
+
+def reproduce(cfg: DictConfig) -> dict:
+    """Everything, in order; returns the results written to ``results.json``."""
+    check_config(cfg)
+    # Imported after the check: a mistyped option fails before torch and diffusers load.
+    from moa.synthworld.judges import JUDGES_FILE, Judges, train_judges
+    from moa.synthworld.measure import evaluate_variants, judge_calibration
+    from moa.synthworld.report import write_report
+    from moa.synthworld.world import IMAGE_SIZE, write_synthetic_ffhq
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = Timings(out / "timings.json")
+    start = time.perf_counter()
+    world = out / "world"
+    if not (world / "image_ids.txt").exists():
+        write_synthetic_ffhq(world, num_samples=cfg.scale.world_samples, size=IMAGE_SIZE, seed=cfg.seed)
+        timings.record("world", time.perf_counter() - start)
+    prior, image_encoder, weights = train_models(cfg, out, world, timings)
+
+    judges_dir = out / "judges"
+    if (judges_dir / JUDGES_FILE).exists():
+        judges = Judges.load(judges_dir)
+    else:
+        stage_start = time.perf_counter()
+        judges = train_judges(world, judges_dir, max_steps=cfg.scale.judge_steps, seed=cfg.seed)
+        timings.record("judges", time.perf_counter() - stage_start)
+    stage_start = time.perf_counter()
+    results = evaluate_variants(cfg, out, world, prior, image_encoder, weights, judges)
+    results["judges"] = judge_calibration(judges, world, prior)
+    timings.record("evaluation", time.perf_counter() - stage_start)
+    timings.record("this_invocation", time.perf_counter() - start)
+    write_report(out, results, timings.seconds)
+    log.info("results in %s", out / "results.md")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="synthworld")
+def main(cfg: DictConfig) -> None:
+    reproduce(cfg)

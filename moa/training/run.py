@@ -1,0 +1,93 @@
+"""A training run from its Hydra config: ``train.py`` and ``python -m moa.training`` both call ``main``.
+
+``train(cfg)`` is also what the tests and SynthWorld's stages call (in-process or through
+``python -m moa.training``), so every route trains through the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from moa.checks import preflight
+from moa.config import CONFIG_DIR
+
+log = logging.getLogger(__name__)
+
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def instantiate_group(group: DictConfig | None, **extra_by_name: dict) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a config group (callbacks, loggers)."""
+    objects = []
+    for name, conf in (group or {}).items():
+        if isinstance(conf, DictConfig) and "_target_" in conf:
+            objects.append(hydra.utils.instantiate(conf, **extra_by_name.get(name, {})))
+    return objects
+
+
+def wandb_run_id(output_dir: Path) -> str:
+    """The run's wandb id, persisted in the run directory so a resumed job continues the same run."""
+    path = output_dir / WANDB_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # wandb's own ids are 8 lowercase alphanumerics too
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The resolved config as plain containers (safe for ``torch.load(weights_only=True)``)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Build everything from ``cfg``, fit, export the trained weights; returns (metrics, objects)."""
+    preflight(cfg)
+    # Heavy imports only now, so that a mistyped override or path fails in a second or two.
+    import pytorch_lightning as pl
+
+    from moa.training.checkpoints import resolve_ckpt_path
+
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("embedded"):
+        hydra.utils.call(cfg.embedded)  # builds the embedded default's models and data on first use
+
+    # Cheap objects first: a wrong data path fails here, before any model is loaded.
+    datamodule = hydra.utils.instantiate(cfg.data)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    logger_kwargs = {}
+    if cfg.get("logger") and "wandb" in cfg.logger:
+        logger_kwargs["wandb"] = {"id": wandb_run_id(output_dir), "resume": "allow"}
+    loggers = instantiate_group(cfg.get("logger"), **logger_kwargs)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+
+    # Seeded here, after the embedded assets: building them draws random numbers, and the initial MoA
+    # weights must not depend on whether they were already built.
+    pl.seed_everything(cfg.seed, workers=True)
+    module = hydra.utils.instantiate(cfg.model)
+    # Set after instantiation: Hydra would instantiate every _target_ inside a config passed as an argument.
+    module.hparams["run_config"] = plain_config(cfg)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.is_global_zero and cfg.get("export_dir"):
+            log.info("exported the trained weights to %s", module.export(cfg.export_dir))
+    finally:
+        for logger in loggers:
+            if isinstance(logger, pl.loggers.WandbLogger):
+                logger.experiment.finish()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    metrics, _ = train(cfg)
+    log.info("final metrics: %s", {k: round(v, 5) for k, v in metrics.items()})
