@@ -32,14 +32,16 @@ def _deterministic():
     logging.getLogger("moa").setLevel(logging.INFO)
 
 
-def compose_train(tmp_path, tiny_dir, synthetic_root, overrides=(), config_name="train"):
-    """Compose a config as `python train.py` would, pointed at the session's tiny assets."""
+def compose_train(tmp_path, tiny_dir, synthetic_root, overrides=(), config_name="train", ffhq_data=True):
+    """Compose a config as `python train.py` would, pointed at the session's tiny assets.
+    ``ffhq_data=False`` for experiments whose data group is not the FFHQ-wild DataModule."""
+    data = ["data.resolution=64"] if ffhq_data else []
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name=config_name, return_hydra_config=True, overrides=[
             f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "logger=csv",
             f"base_model={tiny_dir}/stable-diffusion", f"image_encoder={tiny_dir}/clip",
-            f"data.root={synthetic_root}", "data.num_workers=0", "data.resolution=64", "data.batch_size=2",
+            f"data.root={synthetic_root}", "data.num_workers=0", *data, "data.batch_size=2",
             "trainer=cpu", "embedded=null", *overrides,
         ])
         with open_dict(cfg):
@@ -53,6 +55,6 @@ def compose_train(tmp_path, tiny_dir, synthetic_root, overrides=(), config_name=
 
 @pytest.fixture
 def compose_cfg(tmp_path, tiny_dir, synthetic_root):
-    def _compose(*overrides, config_name="train", out=None):
-        return compose_train(out or tmp_path, tiny_dir, synthetic_root, overrides, config_name)
+    def _compose(*overrides, config_name="train", out=None, ffhq_data=True):
+        return compose_train(out or tmp_path, tiny_dir, synthetic_root, overrides, config_name, ffhq_data)
     return _compose

@@ -17,7 +17,7 @@ def test_expected_experiments_exist():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, compose_cfg):
-    cfg = compose_cfg(f"experiment={experiment}")
+    cfg = compose_cfg(f"experiment={experiment}", ffhq_data=experiment != "synth_clip")
     is_moa = cfg.model._target_ == "moa.training.module.MoALitModule"
     if is_moa:  # the paper's router-loss weight, except in the diagnostic that scales it on purpose
         expected = 1e-2 if experiment == "synth_moa_router_x100" else 1e-4

@@ -19,12 +19,13 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from moa.data.stores import FolderStore
+from moa.data.transforms import SubjectImageSpec
 from moa.evaluation.metrics import Disentanglement
 from moa.inference.pipeline import MoAPipeline, Subject, scheduler_from_name
-from moa.models.model import MoAModel
+from moa.models.model import MoAModel, load_image_encoder
 from moa.synthworld.judges import ATTRIBUTES, CONTEXT, IDENTITY_ATTRIBUTES, WorldLabels, square_crop
 from moa.synthworld.report import write_figures
-from moa.synthworld.world import WORDS, compose_caption
+from moa.synthworld.world import WORDS, compose_caption, observable, subject_crops
 
 log = logging.getLogger(__name__)
 
@@ -248,3 +249,45 @@ def training_summary(run_dir: Path, last: int = 50) -> dict:
             summary[key.removeprefix("train/")] = sum(values) / len(values)
     return summary
 
+
+def probe_image_encoder(encoder: str, world: Path, *, steps: int = 500, seed: int = 0) -> dict:
+    """How much identity the image encoder's embeddings carry, on held-out subjects.
+
+    A linear probe per attribute, trained on the L2-normalised ``image_embeds`` of the train split's
+    reference renders and read on the test split's (subjects the encoder never saw), on the subjects
+    where the attribute is visible (no hair colour for the bald), and the mean cosine between the
+    embeddings of different test subjects (near 1: every subject looks alike).
+    """
+    spec = SubjectImageSpec.from_pretrained(encoder)
+    model = load_image_encoder(encoder).eval()
+
+    def embed(split: str) -> tuple[torch.Tensor, list[dict]]:
+        pixels, identities = subject_crops(world, split, spec, sources=("reference",))
+        with torch.no_grad():
+            return F.normalize(model(pixel_values=pixels).image_embeds, dim=-1), identities
+
+    (train, train_ids), (test, test_ids) = embed("train"), embed("test")
+    mean, std = train.mean(0), train.std(0).clamp(min=1e-6)
+    accuracy = {}
+    generator = torch.Generator().manual_seed(seed)
+    for name, classes in ATTRIBUTES.items():
+        seen = torch.tensor([observable(name, i) for i in train_ids])
+        seen_test = torch.tensor([observable(name, i) for i in test_ids])
+        labels = torch.tensor([classes.index(i[name]) for i in train_ids])[seen]
+        probe = torch.nn.Linear(train.shape[1], len(classes))
+        with torch.no_grad():
+            probe.weight.copy_(torch.randn(probe.weight.shape, generator=generator) * 0.01)
+            probe.bias.zero_()
+        optimizer = torch.optim.Adam(probe.parameters(), lr=0.05, weight_decay=1e-4)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.cross_entropy(probe((train[seen] - mean) / std), labels).backward()
+            optimizer.step()
+        with torch.no_grad():
+            predicted = probe((test[seen_test] - mean) / std).argmax(-1)
+        truth = torch.tensor([classes.index(i[name]) for i in test_ids])[seen_test]
+        accuracy[name] = (predicted == truth).float().mean().item()
+    cosine = test @ test.T
+    off_diagonal = cosine[~torch.eye(len(test), dtype=torch.bool)]
+    return {"probe_accuracy": accuracy, "subject_cosine": off_diagonal.mean().item(),
+            "train_subjects": len(train), "test_subjects": len(test)}

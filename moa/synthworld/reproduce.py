@@ -1,7 +1,8 @@
 """SynthWorld end to end: ``python -m moa.synthworld`` (config ``conf/synthworld.yaml``).
 
 1. the world: scenes, masks, captions and reference renders (``moa.synthworld.world``);
-2. stage 1: the tiny VAE and prior (``experiment=synth_vae``, ``synth_prior``), or the committed prior;
+2. stage 1: the tiny VAE, prior and image encoder (``experiment=synth_vae``, ``synth_prior``,
+   ``synth_clip``), or the committed ones (``prior=committed``);
 3. stage 2: MoA and its ablations on that frozen prior (``experiment=synth_moa`` ...);
 4. the judges (``moa.synthworld.judges``), trained on the world's renders;
 5. measurement (``moa.synthworld.measure``): the same prompts and seeds for every variant, prior-only
@@ -70,16 +71,19 @@ def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> t
         run_stage("stage1_prior", [*common, "experiment=synth_prior", f"hydra.run.dir={out}/stage1_prior",
                                    f"base_model={out}/vae", f"export_dir={out}/prior"],
                   out / "prior" / "model_index.json", timings)
-        prior = str(out / "prior")
+        run_stage("stage1_clip", [*common, "experiment=synth_clip", f"hydra.run.dir={out}/stage1_clip",
+                                  f"export_dir={out}/clip"], out / "clip" / "config.json", timings)
+        prior, image_encoder = str(out / "prior"), str(out / "clip")
     else:
-        prior = asset("synth-prior")
+        prior, image_encoder = asset("synth-prior"), asset("synth-clip")
     weights = {}
     for variant in cfg.variants:
         run_dir = out / variant
-        run_stage(variant, [*common, f"experiment={variant}", f"hydra.run.dir={run_dir}", f"base_model={prior}"],
+        run_stage(variant, [*common, f"experiment={variant}", f"hydra.run.dir={run_dir}", f"base_model={prior}",
+                            f"image_encoder={image_encoder}"],
                   run_dir / "moa_weights" / "moa.safetensors", timings)
         weights[variant] = run_dir / "moa_weights"
-    return prior, str(cache / "tiny-components" / "clip"), weights
+    return prior, image_encoder, weights
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -97,7 +101,7 @@ def reproduce(cfg: DictConfig) -> dict:
     check_config(cfg)
     # Imported after the check: a mistyped option fails before torch and diffusers load.
     from moa.synthworld.judges import JUDGES_FILE, Judges, train_judges
-    from moa.synthworld.measure import evaluate_variants, judge_calibration
+    from moa.synthworld.measure import evaluate_variants, judge_calibration, probe_image_encoder
     from moa.synthworld.report import write_report
     from moa.synthworld.world import IMAGE_SIZE, write_synthetic_ffhq
 
@@ -121,6 +125,7 @@ def reproduce(cfg: DictConfig) -> dict:
     stage_start = time.perf_counter()
     results = evaluate_variants(cfg, out, world, prior, image_encoder, weights, judges)
     results["judges"] = judge_calibration(judges, world, prior)
+    results["image_encoder"] = probe_image_encoder(image_encoder, world, seed=cfg.seed)
     timings.record("evaluation", time.perf_counter() - stage_start)
     timings.record("this_invocation", time.perf_counter() - start)
     write_report(out, results, timings.seconds)

@@ -1,13 +1,16 @@
-"""Stage 1 of SynthWorld: training a tiny text-to-image prior from scratch with the same framework.
+"""Stage 1 of SynthWorld: the pretrained models MoA builds on, trained from scratch with the same framework.
 
-Two Lightning modules, trained one after the other on the synthetic world's images and captions:
+Three Lightning modules, trained on the synthetic world:
 
 - ``VAELitModule``: the autoencoder (reconstruction + a small KL term), so latents mean something.
 - ``PriorLitModule``: U-Net and text encoder, denoising in that VAE's latent space (the VAE frozen),
   with caption dropout for classifier-free guidance.
+- ``ClipLitModule``: the image encoder, a tiny CLIP trained contrastively on subject crops paired with
+  captions that name every identity attribute (``SubjectCaptionDataModule``), as CLIP learns from web
+  captions; without it the image encoder is random and every subject looks alike to it.
 
-Each exports a diffusers folder (``export``), and the prior's folder is a complete Stable Diffusion
-pipeline: MoA then trains on it exactly as it would on SD1.5.
+Each exports a folder in its library's format (``export``): the prior's is a complete Stable Diffusion
+pipeline and the encoder's a CLIP model folder, so MoA trains on them exactly as on SD1.5 and CLIP.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
-from moa.data.transforms import empty_caption_ids
+from moa.data.datamodule import ResumableStreamSampler
+from moa.data.transforms import SubjectImageSpec, empty_caption_ids
 from moa.pretrained import check_pretrained_path
 from moa.seeding import step_generator
+from moa.synthworld.world import describe_identity, subject_crops
 
 log = logging.getLogger(__name__)
 
@@ -124,4 +130,74 @@ class PriorLitModule(pl.LightningModule):
         StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
                                 scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None,
                                 requires_safety_checker=False).save_pretrained(out_dir)
+        return Path(out_dir)
+
+
+def _pixels_and_ids(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.stack([r[0] for r in rows]), "input_ids": torch.stack([r[1] for r in rows])}
+
+
+class SubjectCaptionDataModule(pl.LightningDataModule):
+    """Every person of a SynthWorld folder's train split, as the image encoder sees them (cut from
+    their scene and from their reference render), with a caption naming their identity attributes.
+
+    Items: ``pixel_values`` (3, size, size) normalised for the encoder, ``input_ids`` (77,). The crops
+    sit in memory (a few thousand 32x32 tensors); the stream resumes at the exact sample.
+    """
+
+    def __init__(self, *, root: str, clip: str, batch_size: int = 128, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        check_pretrained_path(clip, option="data.clip", expect="a CLIP model folder (tokenizer + image processor)")
+        self.root, self.clip, self.batch_size, self.num_workers, self.seed = root, clip, batch_size, num_workers, seed
+        self.dataset: TensorDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            pixels, identities = subject_crops(self.root, "train", SubjectImageSpec.from_pretrained(self.clip))
+            tokenizer = CLIPTokenizer.from_pretrained(self.clip)
+            input_ids = tokenizer([describe_identity(i) for i in identities], padding="max_length", truncation=True,
+                                  max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+            self.dataset = TensorDataset(pixels, input_ids)
+            log.info("%d subject crops with identity captions from %s", len(pixels), self.root)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        start = self.trainer.global_step * self.batch_size if self.trainer is not None else 0
+        sampler = ResumableStreamSampler(len(self.dataset), seed=self.seed, start=start)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=True, collate_fn=_pixels_and_ids)
+
+
+class ClipLitModule(pl.LightningModule):
+    """Trains a CLIP model (both towers) with CLIP's symmetric contrastive loss on (subject crop,
+    identity caption) pairs.
+
+    Args:
+        base_model: a CLIP model folder (``CLIPModel`` + tokenizer + image processor) to start from.
+        optimizer: factory ``params -> Optimizer``.
+    """
+
+    def __init__(self, *, base_model: str, optimizer: Callable, seed: int = 0):
+        super().__init__()
+        check_pretrained_path(base_model, option="model.base_model", expect="a CLIP model folder")
+        self.base_model, self.optimizer_factory, self.seed = base_model, optimizer, seed
+        self.clip = CLIPModel.from_pretrained(base_model).train()  # from_pretrained returns eval mode
+        self.save_hyperparameters({"seed": seed})
+
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.clip.parameters())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        output = self.clip(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], return_loss=True)
+        # Matching pairs among the batch: the share of crops whose own caption scores highest.
+        accuracy = (output.logits_per_image.argmax(-1) == torch.arange(len(output.logits_per_image),
+                                                                        device=self.device)).float().mean()
+        self.log_dict({"train/loss": output.loss, "train/match_accuracy": accuracy},
+                      batch_size=batch["pixel_values"].shape[0])
+        return output.loss
+
+    def export(self, out_dir: str | os.PathLike) -> Path:
+        """A CLIP model folder: the trained weights with the base folder's tokenizer and image processor."""
+        self.clip.save_pretrained(out_dir)
+        CLIPProcessor.from_pretrained(self.base_model).save_pretrained(out_dir)
         return Path(out_dir)

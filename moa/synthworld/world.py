@@ -33,8 +33,9 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from moa.data.ffhq import CorruptSampleError
-from moa.data.transforms import image_to_tensor, mask_bbox
+from moa.data.ffhq import CorruptSampleError, read_raw_sample
+from moa.data.stores import FolderStore
+from moa.data.transforms import image_to_tensor, mask_bbox, subject_crop
 from moa.seeding import derived_seed
 
 log = logging.getLogger(__name__)
@@ -294,6 +295,44 @@ class ReferenceRenders:
         if bbox is None:
             raise CorruptSampleError(f"{image_id}: reference render {reference_id} has an empty mask")
         return reference, reference_mask, bbox
+
+
+def observable(attribute: str, identity: dict) -> bool:
+    """Whether ``attribute`` can be seen at all on ``identity`` (a bald figure shows no hair colour)."""
+    return not (attribute == "hair_colour" and identity["hair_style"] == "bald")
+
+
+def describe_identity(identity: dict) -> str:
+    """A caption naming every identity attribute, e.g. "a woman with pale skin, long red hair and a
+    green striped shirt": the analogue of the web captions CLIP learns identity from. (Scene captions
+    never name the identity; only the image encoder's training sees these.)"""
+    hair = "no hair" if identity["hair_style"] == "bald" else f"{identity['hair_style']} {identity['hair_colour']} hair"
+    return (f"a {identity['word']} with {identity['skin']} skin, {hair} and a {identity['shirt_colour']} "
+            f"{identity['shirt_pattern']} shirt")
+
+
+def subject_crops(root: str | os.PathLike, split: str, spec, *, sources: tuple[str, ...] = ("scene", "reference")
+                  ) -> tuple[torch.Tensor, list[dict]]:
+    """Every person of a split as the image encoder sees them (``subject_crop``: background masked to
+    the encoder's mean colour, square, normalised): cut from their scene and/or from their reference
+    render. Returns pixels (n, 3, spec.size, spec.size) and each crop's identity (a dict of attributes)."""
+    store = FolderStore(root)
+    pixels, identities = [], []
+    for image_id in store.split(split):
+        raw = read_raw_sample(store, image_id)
+        annotation = json.loads(store.read(image_id, "json"))
+        scene = image_to_tensor(raw.image)
+        segments = torch.from_numpy(raw.segments.astype(np.int64))
+        for segment in raw.subjects:
+            identity = annotation["identities"][segment["id"] - PERSON_SEGMENTS.start]
+            if "scene" in sources:
+                pixels.append(subject_crop(scene, (segments == segment["id"]).float(), segment["bbox"], spec))
+                identities.append(identity)
+            if "reference" in sources and segment.get("reference"):
+                reference, mask = read_reference(store, segment["reference"])
+                pixels.append(subject_crop(reference, mask, mask_bbox(mask), spec))
+                identities.append(identity)
+    return torch.stack(pixels), identities
 
 
 def caption_corpus(num_samples: int = 2000, seed: int = 1) -> list[str]:
