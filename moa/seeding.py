@@ -13,9 +13,12 @@ def derived_seed(seed: int, position: int) -> int:
     return seed * SEED_STRIDE + position
 
 
-def step_generator(module, seed: int) -> torch.Generator:
-    """All of a training step's randomness, seeded by (seed, global step, rank): a resumed run draws
-    exactly what an uninterrupted one would have. ``module`` is a LightningModule."""
+def step_generator(module, seed: int, micro_batch: int = 0) -> torch.Generator:
+    """All of a training step's randomness, seeded by (seed, global step, rank, micro-batch): a resumed
+    run draws exactly what an uninterrupted one would have. ``module`` is a LightningModule;
+    ``micro_batch`` is the index within gradient accumulation (the global step only advances once per
+    optimizer step, so without it every micro-batch of a step would draw the same noise and timesteps)."""
     generator = torch.Generator(device=module.device)
-    generator.manual_seed(derived_seed(seed, module.global_step) * 4099 + module.global_rank)
+    generator.manual_seed(derived_seed(seed, module.global_step) * 4099 + module.global_rank
+                          + micro_batch * SEED_STRIDE ** 2)
     return generator

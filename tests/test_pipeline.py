@@ -81,6 +81,29 @@ def test_same_seed_same_image_and_any_image_regenerates_alone(pipe, faces):
     assert np.abs(prior[0] - batch[1]).max() > 1e-3, "the subject must change the image"
 
 
+def test_guidance_gives_the_unconditional_half_no_subject(pipe, faces):
+    """Classifier-free guidance contrasts the subject-conditioned prediction with one that has no
+    subject (as training drops text and subjects together): the U-Net's unconditional half must get
+    the plain negative-prompt embeddings in every block, the conditional half the subject token."""
+    seen = []
+
+    def capture(module, args, kwargs):
+        moa = kwargs["cross_attention_kwargs"]["moa"]
+        seen.append((args[2] if len(args) > 2 else kwargs["encoder_hidden_states"], moa.personalized_condition))
+
+    handle = pipe.unet.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        pipe("a man holding a red ball", [Subject(faces[0], "man")], num_inference_steps=2, guidance_scale=5.0,
+             generator=_gen(3))
+    finally:
+        handle.remove()
+    text, condition = seen[0]
+    assert text.shape[0] == 2 and condition.shape[0] == 2
+    unconditional = condition[0]  # (blocks, tokens, dim)
+    assert torch.equal(unconditional, text[0].expand_as(unconditional))
+    assert not torch.allclose(condition[1], text[1].expand_as(condition[1]))
+
+
 def test_subject_swap_and_morphing_endpoints(pipe, faces):
     prompt = "a man riding a horse"
     a, b = Subject(faces[0], "man"), Subject(faces[1], "man")
@@ -195,6 +218,10 @@ def test_clear_errors_before_generation(pipe, faces, tmp_path, tiny_dir):
     broken.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="broken.jpg.*cannot be read"):
         pipe("a man on a horse", [Subject(broken, "man")], num_inference_steps=STEPS)
+    width, height = Image.open(faces[0]).size
+    for wrong in (np.ones((height // 2, width), bool), np.ones((height, width, 3), bool)):
+        with pytest.raises(ValueError, match=r"subject 'man': mask of shape .* expected the image's"):
+            pipe("a man on a horse", [Subject(faces[0], "man", mask=wrong)], num_inference_steps=STEPS)
     export = pipe.moa.export_moa(tmp_path / "export")
     weights = load_file(export / EXPORT_WEIGHTS)
     weights.pop(next(k for k in weights if k.startswith("unet.up_blocks")))

@@ -124,16 +124,34 @@ def test_a_claim_holds_only_beyond_two_standard_errors():
     variant = {"identity_accuracy": 0.33, "identity_accuracy_of_prior_images": 0.28, "identity_decisions": 320,
                "context_accuracy": 0.5, "context_decisions": 256, "prior_context_accuracy": 0.5,
                "prior_context_decisions": 64}
-    rows = {row[0].split(":")[0]: row[3] for row in claims({"variants": {"synth_moa": variant},
-                                                            "chance_identity_accuracy": 0.29})}
-    assert rows["identity"] == "**no**"  # +5 points on 320 decisions: above one standard error (3.7), below two
+    judges = {"vae_reconstructions": {f"attribute/{name}": 0.8 for name in
+                                      ("skin", "hair_colour", "hair_style", "shirt_colour", "shirt_pattern")}}
+
+    def verdicts(v):
+        rows = claims({"variants": {"synth_moa": v}, "chance_identity_accuracy": 0.29, "judges": judges})
+        return {row[0]: row[3] for row in rows}
+
+    rows = verdicts(variant)
+    # +5 points on 320 decisions: above one standard error (3.7), below two
+    assert rows["identity: MoA vs the prior's own images judged against the same subjects"] == "**no**"
     # equal accuracies, but 64 prior decisions leave an interval wider than +-5 points
-    assert rows["prior preservation"] == "**no**"
+    assert rows["prior preservation: context accuracy, MoA vs the prior's own images"] == "**no**"
     variant |= {"identity_decisions": 20000, "identity_accuracy": 0.35, "context_decisions": 40000,
                 "prior_context_decisions": 40000}
-    rows = {row[0].split(":")[0]: row[3] for row in claims({"variants": {"synth_moa": variant},
-                                                            "chance_identity_accuracy": 0.29})}
-    assert rows["identity"] == "yes" and rows["prior preservation"] == "yes"
+    rows = verdicts(variant)
+    assert rows["identity: MoA vs the prior's own images judged against the same subjects"] == "yes"
+    assert rows["prior preservation: context accuracy, MoA vs the prior's own images"] == "yes"
+    # the absolute identity bar: 2x chance = 58%, 70% of the 80% ceiling = 56%; 35% is far below
+    assert rows["identity: attribute accuracy of held-out subjects injected by MoA"] == "**no**"
+    # 59% on 400 decisions: 2 standard errors (4.9 points) reach below the 58% bar; on 20000 they do not
+    assert verdicts(variant | {"identity_accuracy": 0.59, "identity_decisions": 400})[
+        "identity: attribute accuracy of held-out subjects injected by MoA"] == "**no**"
+    assert verdicts(variant | {"identity_accuracy": 0.59})[
+        "identity: attribute accuracy of held-out subjects injected by MoA"] == "yes"
+    routers = {"router_prior_weight_background": 0.85, "router_prior_weight_foreground": 0.4}
+    key = "routers separate: mean prior weight over the loss layers, background / subject pixels"
+    assert verdicts(variant | {"training": routers})[key] == "yes"
+    assert verdicts(variant | {"training": routers | {"router_prior_weight_foreground": 0.55}})[key] == "**no**"
 
 
 def test_committed_image_encoder_tells_held_out_subjects_apart(tmp_path, tiny_dir):

@@ -84,3 +84,26 @@ def test_frozen_image_encoder_gets_no_gradient_and_stays_out_of_the_moa_weights(
     assert not module.model.image_encoder_trainable_state_dict()
     assert not any(k.startswith("image_encoder.") for k in module.model.trainable_state_dict())
     assert len(module.configure_optimizers()["optimizer"].param_groups) == 1
+
+
+def test_micro_batches_of_one_accumulated_step_draw_different_noise(compose_cfg):
+    """Under gradient accumulation the global step stays put for several batches; each micro-batch
+    must still draw its own timesteps and noise."""
+    import pytorch_lightning as pl
+
+    cfg = compose_cfg()
+    module = hydra.utils.instantiate(cfg.model)
+    calls = []
+
+    class RecordUNetInputs(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            pl_module.model.unet.register_forward_pre_hook(
+                lambda unet, args: calls.append((args[0].detach().clone(), args[1].detach().clone())))
+
+    trainer = pl.Trainer(max_steps=1, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[RecordUNetInputs()])
+    trainer.fit(module, datamodule=hydra.utils.instantiate(cfg.data))
+    assert trainer.global_step == 1 and len(calls) == 2
+    (noisy_a, timesteps_a), (noisy_b, timesteps_b) = calls
+    assert not torch.equal(timesteps_a, timesteps_b)
+    assert not torch.allclose(noisy_a, noisy_b)

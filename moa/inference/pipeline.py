@@ -28,8 +28,10 @@ from moa.models.unet import moa_processors
 class Subject:
     """A subject image bound to a word of the prompt ("man", "woman", ...).
 
-    ``image``: a path or a PIL image. ``mask``: optional (H, W) foreground mask; the background is
-    replaced by the encoder's mean colour, as in training.
+    ``image``: a path or a PIL image. ``mask``: optional (H, W) foreground mask of the image's size;
+    the background is replaced by the encoder's mean colour, as in training. Give one: training
+    always replaces the background, so an unmasked subject (encoded with its background) is input the
+    image encoder and prompt encoder never saw; a tight crop of the subject is the next best.
     """
 
     image: str | os.PathLike | Image.Image
@@ -64,7 +66,13 @@ def subject_pixels(subject: Subject, spec: SubjectImageSpec) -> torch.Tensor:
     """The image encoder's input for one subject: (3, size, size), normalised."""
     image = load_subject_image(subject.image)
     tensor = image_to_tensor(image)
-    mask = torch.ones(tensor.shape[1:]) if subject.mask is None else torch.as_tensor(subject.mask).float()
+    if subject.mask is None:
+        mask = torch.ones(tensor.shape[1:])
+    else:
+        mask = torch.as_tensor(np.asarray(subject.mask)).float()
+        if tuple(mask.shape) != tuple(tensor.shape[1:]):
+            raise ValueError(f"subject {subject.word!r}: mask of shape {tuple(mask.shape)}, expected the image's "
+                             f"(H, W) = {tuple(tensor.shape[1:])} (a 2-D foreground mask)")
     return subject_crop(tensor, mask, [0, 0, tensor.shape[2], tensor.shape[1]], spec)
 
 

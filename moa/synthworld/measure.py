@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TestSubject:
-    """One held-out identity: its reference render (the subject image) and its attributes."""
+class EvalSubject:
+    """One identity to personalize with: its reference render (the subject image) and its attributes."""
+
     image_id: str
     word: str
     reference: Path
@@ -40,11 +41,12 @@ class TestSubject:
     attributes: list[int]  # class indices, order of moa.synthworld.judges.ATTRIBUTES
 
 
-def test_subjects(world: Path, per_word: int) -> dict[str, list[TestSubject]]:
-    """The first ``per_word`` single-person scenes of each word in the world's test split."""
+def pick_subjects(world: Path, per_word: int, split: str = "test") -> dict[str, list[EvalSubject]]:
+    """The first ``per_word`` single-person scenes of each word in one split of the world: "test" for
+    held-out identities, "train" for identities stage 2 trained on (does injection work at all?)."""
     store = FolderStore(world)
-    subjects: dict[str, list[TestSubject]] = {word: [] for word in WORDS}
-    for image_id in store.split("test"):
+    subjects: dict[str, list[EvalSubject]] = {word: [] for word in WORDS}
+    for image_id in store.split(split):
         annotation = json.loads(store.read(image_id, "json"))
         if len(annotation["identities"]) != 1:
             continue
@@ -52,17 +54,17 @@ def test_subjects(world: Path, per_word: int) -> dict[str, list[TestSubject]]:
         if len(subjects[identity["word"]]) < per_word:
             reference = next(s["reference"] for s in annotation["segments"] if s.get("reference"))
             folder = world / image_id[:5]
-            subjects[identity["word"]].append(TestSubject(
+            subjects[identity["word"]].append(EvalSubject(
                 image_id, identity["word"], folder / f"{reference}.jpg", folder / f"{reference}.npy",
                 [ATTRIBUTES[name].index(identity[name]) for name in ATTRIBUTES]))
     short = {word: len(found) for word, found in subjects.items() if len(found) < per_word}
     if short:
-        raise ValueError(f"eval.subjects_per_word={per_word}: the test split of {world} has only {short} "
+        raise ValueError(f"eval.subjects_per_word={per_word}: the {split} split of {world} has only {short} "
                          "single-person scenes; lower it or render a larger world (scale.world_samples)")
     return subjects
 
 
-def test_contexts(count: int, seed: int) -> list[dict]:
+def pick_contexts(count: int, seed: int) -> list[dict]:
     """``count`` distinct contexts (place, object, colour, holding), drawn reproducibly."""
     every = [dict(zip(CONTEXT, values)) for values in itertools.product(*CONTEXT.values())]
     return random.Random(seed).sample(every, count)
@@ -110,28 +112,30 @@ def _load_mask(path: Path):
     return np.load(path) > 0
 
 
+def identity_hits(judges, keyed_images: dict, subject_of) -> torch.Tensor:
+    """Which identity attributes the judges read correctly: {key: (3, H, W)} -> (n, 5) {0, 1}, in the
+    order of ``IDENTITY_ATTRIBUTES``; ``subject_of(key)`` is the ``EvalSubject`` whose identity counts."""
+    identity_columns = [list(ATTRIBUTES).index(name) for name in IDENTITY_ATTRIBUTES]
+    keys = list(keyed_images)
+    read = judges.read_subject(torch.stack([keyed_images[k] for k in keys]))
+    truth = torch.tensor([subject_of(k).attributes for k in keys])
+    return (read[:, identity_columns] == truth[:, identity_columns]).float()
+
+
 def score_variant(images: dict, subjects, contexts, judges, cfg) -> dict:
     """Identity, context and disentanglement of one variant's images, judged. images: {"subject":
     generate_subjects' images, "prior": generate_prior's}."""
-    identity_columns = [list(ATTRIBUTES).index(name) for name in IDENTITY_ATTRIBUTES]
     context_truth = torch.tensor([[list(CONTEXT[k]).index(v) for k, v in context.items()] for context in contexts])
-
-    def identity_hits(keyed_images: dict, subject_of) -> torch.Tensor:
-        keys = list(keyed_images)
-        batch = torch.stack([keyed_images[k] for k in keys])
-        read = judges.read_subject(batch)
-        truth = torch.tensor([subject_of(k).attributes for k in keys])
-        return (read[:, identity_columns] == truth[:, identity_columns]).float()  # (n, 5)
 
     def context_hits(keyed_images: dict, context_of) -> torch.Tensor:
         keys = list(keyed_images)
         read = judges.read_context(torch.stack([keyed_images[k] for k in keys]))
         return (read == context_truth[[context_of(k) for k in keys]]).float()  # (n, 4)
 
-    subject_hits = identity_hits(images["subject"], lambda k: subjects[k[0]][k[1]])
+    subject_hits = identity_hits(judges, images["subject"], lambda k: subjects[k[0]][k[1]])
     # The prior's own images judged against each subject: the accuracy that needs no subject at all.
     prior_as_subject = {(w, i, c, s): images["prior"][(w, c, s)] for (w, i, c, s) in images["subject"]}
-    prior_hits = identity_hits(prior_as_subject, lambda k: subjects[k[0]][k[1]])
+    prior_hits = identity_hits(judges, prior_as_subject, lambda k: subjects[k[0]][k[1]])
     subject_context_hits = context_hits(images["subject"], lambda k: k[2])
     results = {
         "identity_accuracy": subject_hits.mean().item(),
@@ -185,11 +189,32 @@ def judge_calibration(judges, world: Path, prior: str) -> dict:
     return {"renders": renders, "vae_reconstructions": judges.accuracy_on(test)}
 
 
+def prior_gates(pipe, judges, cfg) -> dict:
+    """Does the prior draw the world? Its own images of ``cfg.eval.prior_gate_contexts`` contexts x both
+    words x ``cfg.eval.seeds`` seeds, read by the judges: context accuracy, the person word read as
+    prompted, and whether the segmenter finds a figure at all."""
+    contexts = pick_contexts(cfg.eval.prior_gate_contexts, cfg.seed + 1)
+    images = generate_prior(pipe, list(WORDS), contexts, list(range(cfg.eval.seeds)), cfg)
+    keys = list(images)
+    batch = torch.stack([images[k] for k in keys])
+    context_truth = torch.tensor([[list(CONTEXT[f]).index(contexts[c][f]) for f in CONTEXT] for _, c, _ in keys])
+    context_hits = (judges.read_context(batch) == context_truth).float()
+    word_read = judges.read_subject(batch)[:, list(ATTRIBUTES).index("word")]
+    word_truth = torch.tensor([WORDS.index(word) for word, _, _ in keys])
+    return {"context_accuracy": context_hits.mean().item(),
+            "context_accuracy_per_factor": dict(zip(CONTEXT, context_hits.mean(0).tolist())),
+            "word_accuracy": (word_read == word_truth).float().mean().item(),
+            "figure_found": (judges.person_masks(batch).flatten(1).amax(1) > 0).float().mean().item(),
+            "images": len(keys)}
+
+
 def evaluate_variants(cfg: DictConfig, out: Path, world: Path, prior: str, image_encoder: str, weights: dict[str, Path],
-             judges) -> dict:
-    """Generate and judge every variant; write figures and return the results."""
-    subjects = test_subjects(world, cfg.eval.subjects_per_word)
-    contexts = test_contexts(cfg.eval.contexts, cfg.seed)
+                      judges, spread_judges=None) -> dict:
+    """Generate and judge every variant; write figures and return the results. ``spread_judges``
+    (judges trained with another seed), when given, read the same images again: the judges' own spread."""
+    subjects = pick_subjects(world, cfg.eval.subjects_per_word)
+    seen_subjects = pick_subjects(world, cfg.eval.subjects_per_word, split="train")
+    contexts = pick_contexts(cfg.eval.contexts, cfg.seed)
     seeds = list(range(cfg.eval.seeds))
     results = {"chance_identity_accuracy": chance_identity_accuracy(), "variants": {},
                "protocol": {"subjects": {w: [s.image_id for s in people] for w, people in subjects.items()},
@@ -203,10 +228,21 @@ def evaluate_variants(cfg: DictConfig, out: Path, world: Path, prior: str, image
         if prior_images is None:  # without subjects every variant is the same prior, exactly
             prior_images = generate_prior(pipe, list(subjects), contexts, seeds, cfg)
             results["prior_sensitivity"] = prior_sensitivity(prior_images)
+            results["prior_gates"] = prior_gates(pipe, judges, cfg)
         subject_images, router = generate_subjects(pipe, subjects, contexts, seeds, cfg)
         images = {"subject": subject_images, "prior": prior_images, "router": router}
+        # The same prompts with identities stage 2 trained on (their own reference renders): if these
+        # do not come out, nothing reaches the image at all.
+        seen_images, _ = generate_subjects(pipe, seen_subjects, contexts, seeds, cfg)
+        seen_hits = identity_hits(judges, seen_images, lambda k: seen_subjects[k[0]][k[1]])
         results["variants"][variant] = {**score_variant(images, subjects, contexts, judges, cfg),
+                                        "seen_identity_accuracy": seen_hits.mean().item(),
+                                        "seen_identity_decisions": seen_hits.numel(),
                                         "training": training_summary(Path(moa_weights).parent)}
+        if spread_judges is not None:
+            again = score_variant(images, subjects, contexts, spread_judges, cfg)
+            results["variants"][variant]["spread_judge"] = {
+                k: again[k] for k in ("identity_accuracy", "context_accuracy", "prior_context_accuracy")}
         write_figures(out, variant, images, subjects, contexts, seeds, pipe.vae_scale_factor)
         log.info("%s: %s", variant, json.dumps(results["variants"][variant]))
     return results
@@ -236,18 +272,21 @@ def prior_sensitivity(prior_images: dict) -> dict:
 
 
 def training_summary(run_dir: Path, last: int = 50) -> dict:
-    """Means over the last ``last`` logged steps of a stage-2 run's CSV log: loss and the router's mean
-    prior weight on background and subject pixels (is the router learning to separate them?)."""
+    """From a stage-2 run's CSV log: means over the last ``last`` logged steps of the loss and of the
+    router's mean prior weight on background and subject pixels (is the router learning to separate
+    them?), and those router weights at every logged step (``curves``: key -> [(step, value)])."""
     rows = []
     for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
         with open(path, newline="") as handle:
             rows += [r for r in csv.DictReader(handle) if r.get("train/loss")]
-    summary = {}
+    summary, curves = {}, {}
     for key in ("train/loss", "train/router_prior_weight_background", "train/router_prior_weight_foreground"):
         values = [float(r[key]) for r in rows[-last:] if r.get(key)]
         if values:
             summary[key.removeprefix("train/")] = sum(values) / len(values)
-    return summary
+        if "router" in key:
+            curves[key.removeprefix("train/")] = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+    return summary | {"curves": curves}
 
 
 def probe_image_encoder(encoder: str, world: Path, *, steps: int = 500, seed: int = 0) -> dict:

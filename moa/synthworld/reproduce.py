@@ -88,8 +88,9 @@ def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> t
 
 def check_config(cfg: DictConfig) -> None:
     """Fail on a bad choice before any stage runs."""
-    if cfg.prior not in ("train", "committed"):
-        raise ValueError(f"prior={cfg.prior!r}: expected 'train' or 'committed'")
+    for option in ("prior", "judges"):
+        if cfg[option] not in ("train", "committed"):
+            raise ValueError(f"{option}={cfg[option]!r}: expected 'train' or 'committed'")
     experiments = Path(CONFIG_DIR) / "experiment"
     unknown = [v for v in cfg.variants if not (experiments / f"{v}.yaml").exists()]
     if unknown:
@@ -115,15 +116,21 @@ def reproduce(cfg: DictConfig) -> dict:
         timings.record("world", time.perf_counter() - start)
     prior, image_encoder, weights = train_models(cfg, out, world, timings)
 
-    judges_dir = out / "judges"
-    if (judges_dir / JUDGES_FILE).exists():
-        judges = Judges.load(judges_dir)
-    else:
-        stage_start = time.perf_counter()
-        judges = train_judges(world, judges_dir, max_steps=cfg.scale.judge_steps, seed=cfg.seed)
-        timings.record("judges", time.perf_counter() - stage_start)
+    def trained_judges(name: str, seed: int) -> Judges:
+        folder = out / name
+        if not (folder / JUDGES_FILE).exists():
+            stage_start = time.perf_counter()
+            train_judges(world, folder, max_steps=cfg.scale.judge_steps, seed=seed)
+            timings.record(name, time.perf_counter() - stage_start)
+        return Judges.load(folder)
+
+    # Committed judges make the readings reproducible across machines (judges retrained elsewhere read
+    # the same images differently); a second judge trained with another seed measures that spread.
+    judges = Judges.load(asset("synth-judges")) if cfg.judges == "committed" else trained_judges("judges", cfg.seed)
+    spread_seed = cfg.eval.spread_judge_seed
+    spread_judges = None if spread_seed is None else trained_judges(f"judges_seed{spread_seed}", spread_seed)
     stage_start = time.perf_counter()
-    results = evaluate_variants(cfg, out, world, prior, image_encoder, weights, judges)
+    results = evaluate_variants(cfg, out, world, prior, image_encoder, weights, judges, spread_judges)
     results["judges"] = judge_calibration(judges, world, prior)
     results["image_encoder"] = probe_image_encoder(image_encoder, world, seed=cfg.seed)
     timings.record("evaluation", time.perf_counter() - stage_start)

@@ -121,7 +121,8 @@ class MoALitModule(pl.LightningModule):
     # ---- the step --------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        losses, stats = self.compute_losses(batch, step_generator(self, self.seed))
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
+        losses, stats = self.compute_losses(batch, step_generator(self, self.seed, micro_batch))
         for name, value in {**losses, **stats}.items():
             # No prog_bar: the progress bar would read the value back from the device every step.
             self.log(f"train/{name}", value, batch_size=batch["pixel_values"].shape[0])
