@@ -272,7 +272,7 @@ def prior_sensitivity(prior_images: dict) -> dict:
 
 
 def training_summary(run_dir: Path, last: int = 50) -> dict:
-    """From a stage-2 run's CSV log: means over the last ``last`` logged steps of the loss and of the
+    """From a stage-2 run's CSV log: means over the last ``last`` training steps of the loss and of the
     router's mean prior weight on background and subject pixels (is the router learning to separate
     them?), and those router weights at every logged step (``curves``: key -> [(step, value)])."""
     rows = []
@@ -280,8 +280,9 @@ def training_summary(run_dir: Path, last: int = 50) -> dict:
         with open(path, newline="") as handle:
             rows += [r for r in csv.DictReader(handle) if r.get("train/loss")]
     summary, curves = {}, {}
+    final_step = max((int(r["step"]) for r in rows), default=0)
     for key in ("train/loss", "train/router_prior_weight_background", "train/router_prior_weight_foreground"):
-        values = [float(r[key]) for r in rows[-last:] if r.get(key)]
+        values = [float(r[key]) for r in rows if r.get(key) and int(r["step"]) > final_step - last]
         if values:
             summary[key.removeprefix("train/")] = sum(values) / len(values)
         if "router" in key:
