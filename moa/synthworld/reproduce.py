@@ -75,7 +75,8 @@ def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> t
                                   f"export_dir={out}/clip"], out / "clip" / "config.json", timings)
         prior, image_encoder = str(out / "prior"), str(out / "clip")
     else:
-        prior, image_encoder = asset("synth-prior"), asset("synth-clip")
+        prior = asset("synth-prior") if cfg.prior == "committed" else str(cfg.prior)
+        image_encoder = asset("synth-clip")
     weights = {}
     for variant in cfg.variants:
         run_dir = out / variant
@@ -88,9 +89,10 @@ def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> t
 
 def check_config(cfg: DictConfig) -> None:
     """Fail on a bad choice before any stage runs."""
-    for option in ("prior", "judges"):
-        if cfg[option] not in ("train", "committed"):
-            raise ValueError(f"{option}={cfg[option]!r}: expected 'train' or 'committed'")
+    if cfg.prior not in ("train", "committed") and not (Path(str(cfg.prior)) / "model_index.json").exists():
+        raise ValueError(f"prior={cfg.prior!r}: expected 'train', 'committed' or a diffusers Stable Diffusion folder")
+    if cfg.judges not in ("auto", "train", "committed"):
+        raise ValueError(f"judges={cfg.judges!r}: expected 'auto', 'train' or 'committed'")
     experiments = Path(CONFIG_DIR) / "experiment"
     unknown = [v for v in cfg.variants if not (experiments / f"{v}.yaml").exists()]
     if unknown:
@@ -126,7 +128,8 @@ def reproduce(cfg: DictConfig) -> dict:
 
     # Committed judges make the readings reproducible across machines (judges retrained elsewhere read
     # the same images differently); a second judge trained with another seed measures that spread.
-    judges = Judges.load(asset("synth-judges")) if cfg.judges == "committed" else trained_judges("judges", cfg.seed)
+    committed = cfg.judges == "committed" or (cfg.judges == "auto" and cfg.prior != "train")
+    judges = Judges.load(asset("synth-judges")) if committed else trained_judges("judges", cfg.seed)
     spread_seed = cfg.eval.spread_judge_seed
     spread_judges = None if spread_seed is None else trained_judges(f"judges_seed{spread_seed}", spread_seed)
     stage_start = time.perf_counter()
