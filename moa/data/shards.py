@@ -27,8 +27,9 @@ EXTENSIONS = ("jpg", "json", "npy")
 
 
 def pack_shards(root: str | os.PathLike, out: str | os.PathLike, *, samples_per_shard: int = 2000) -> Path:
-    """Pack an FFHQ-wild folder into tar shards plus ``index.json``. Missing files are left out (the
-    reader then reports the sample as corrupt, exactly as the folder reader would)."""
+    """Pack an FFHQ-wild folder into tar shards plus ``index.json``: each sample's jpg/json/npy and any
+    companion file ``<id>_*``. Missing files are left out (the reader then reports the sample as
+    corrupt, exactly as the folder reader would)."""
     source, out = FolderStore(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     splits = {name: source.split(name) for name, file in SPLIT_FILES.items() if (source.root / file).exists()}
@@ -41,7 +42,8 @@ def pack_shards(root: str | os.PathLike, out: str | os.PathLike, *, samples_per_
             for image_id in ids[first: first + samples_per_shard]:
                 folder = source.root / image_id[:5]
                 files = [folder / f"{image_id}.{extension}" for extension in EXTENSIONS]
-                files += sorted(folder.glob(f"{image_id}_ref*.*"))  # SynthWorld reference renders
+                # Companion files named after the sample (e.g. SynthWorld's <id>_ref<k> renders) travel with it.
+                files += sorted(folder.glob(f"{image_id}_*.*"))
                 for path in files:
                     if path.exists():
                         tar.add(path, arcname=path.name)
