@@ -3,7 +3,7 @@
 The run itself lives in ``moa.training.run`` (``python -m moa.training`` is the same command).
 """
 
-from moa.training.run import main, train  # noqa: F401  (train: for callers that compose a config)
+from moa.training.run import main
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ from torch import nn
 
 from moa.data.ffhq import read_raw_sample
 from moa.data.stores import FolderStore
-from moa.data.transforms import image_to_tensor
+from moa.data.transforms import image_to_tensor, mask_bbox
 from moa.seeding import derived_seed
 from moa.synthworld.world import (
     BACKGROUNDS,
@@ -116,11 +116,7 @@ def square_crop(image: torch.Tensor, mask: torch.Tensor, *, size: int = CROP_SIZ
     """The square around ``mask``'s bounding box (grown by ``margin``), resized: image (3, H, W),
     mask (H, W) -> (3, size, size). An empty mask gives the whole image."""
     height, width = mask.shape
-    ys, xs = torch.nonzero(mask > 0, as_tuple=True)
-    if len(xs) == 0:
-        x1, y1, x2, y2 = 0, 0, width, height
-    else:
-        x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    x1, y1, x2, y2 = mask_bbox(mask > 0) or [0, 0, width, height]
     side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
