@@ -45,3 +45,14 @@ class ExitOnSignal(pl.Callback):
             raise SystemExit(-1)
 
         signal.signal(getattr(signal, self.signal_name), exit_like_submitit)
+
+
+class CrashAtStep(pl.Callback):
+    """Raises after global step ``step``: the job dies there, as if killed, without any checkpoint hook."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated kill at step {self.step}")

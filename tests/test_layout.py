@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moa"
 LAYERS = [
-    ("moa.seeding", "moa.pretrained", "moa.config", "moa.checks"),
+    ("moa.seeding", "moa.pretrained", "moa.config", "moa.checks", "moa.files"),
     ("moa.data",),
     ("moa.models",),
     ("moa.inference",),

@@ -122,22 +122,3 @@ def test_initial_weights_do_not_depend_on_whether_embedded_assets_were_built(com
     _, second = train(compose_cfg(*embedded, f"export_dir={tmp_path}/b", out=tmp_path / "b"))  # reuses them
     a, b = _trainable(first["module"]), _trainable(second["module"])
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_resume_picks_the_newest_of_last_and_lightning_hpc_checkpoints(tmp_path):
-    import os
-
-    from moa.training.checkpoints import resolve_ckpt_path
-
-    assert resolve_ckpt_path("last", tmp_path) is None  # a fresh job starts cleanly
-    (tmp_path / "checkpoints").mkdir()
-    last, hpc = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt"
-    last.write_bytes(b"x")
-    hpc.write_bytes(b"x")
-    os.utime(last, (1, 1))
-    assert resolve_ckpt_path("last", tmp_path) == str(hpc)
-    os.utime(hpc, (0, 0))
-    assert resolve_ckpt_path("last", tmp_path) == str(last)
-    assert resolve_ckpt_path(None, tmp_path) is None
-    with pytest.raises(FileNotFoundError, match="ckpt_path"):
-        resolve_ckpt_path(str(tmp_path / "nope.ckpt"), tmp_path)

@@ -20,6 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjec
 from transformers.utils import logging as transformers_logging
 
 from moa.data.transforms import SubjectImageSpec
+from moa.files import atomic_path, write_text
 from moa.models.inputs import MoAInputs
 from moa.models.prompt import MultimodalPromptEncoder, personalize_text
 from moa.models.unet import MoAConfig, MoALayoutError, install_moa, load_moa_state_dict, moa_state_dict
@@ -175,14 +176,13 @@ class MoAModel(nn.Module):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.trainable_state_dict().items()}
-        tmp = out_dir / f".{EXPORT_WEIGHTS}.tmp"
-        save_file(tensors, tmp)
-        os.replace(tmp, out_dir / EXPORT_WEIGHTS)
+        with atomic_path(out_dir / EXPORT_WEIGHTS) as tmp:
+            save_file(tensors, tmp)
         config = {"moa_config": self.moa_config.to_dict(), "spacetime": self.spacetime,
                   "image_encoder_trainable_layers": self.image_encoder_trainable_layers,
                   "text_dim": self.text_encoder.config.hidden_size,
                   "image_dim": self.image_encoder.config.projection_dim}
-        (out_dir / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        write_text(out_dir / EXPORT_CONFIG, json.dumps(config, indent=2) + "\n")
         return out_dir
 
     # ---- conditioning ----------------------------------------------------------------------------

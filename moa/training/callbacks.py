@@ -92,7 +92,8 @@ class PreemptionCheckpoint(pl.Callback):
     write a checkpoint itself (it could land in the middle of an optimizer step), so it only raises a
     flag; the next batch end agrees on it across ranks, saves a consistent checkpoint, and then hands
     over to the handler that was installed before (submitit's: requeue the job and exit). Without such
-    a handler, training stops cleanly. The requeued job resumes through ``ckpt_path=last``.
+    a handler, training stops cleanly, and ``train`` does not export the unfinished weights. The requeued
+    job resumes through ``ckpt_path=last`` (the checkpoint with the highest step, whatever its name).
 
     Args:
         signal_name: the signal to watch (``SIGUSR2`` for submitit; Lightning handles its own SIGUSR1).
@@ -106,6 +107,7 @@ class PreemptionCheckpoint(pl.Callback):
         self._received = False
         self._frame = None
         self._previous = None
+        self.preempted = False  # set once the checkpoint is saved: the run stopped before its end
 
     def _handler(self, signum, frame) -> None:
         log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
@@ -132,6 +134,7 @@ class PreemptionCheckpoint(pl.Callback):
         if not stop:
             return
         trainer.save_checkpoint(self.path)
+        self.preempted = True
         log.warning("saved %s at step %d for the requeued job", self.path, trainer.global_step)
         previous, self._previous = self._previous, None
         signal.signal(self.signum, previous if previous is not None else signal.SIG_DFL)

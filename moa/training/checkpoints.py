@@ -1,4 +1,4 @@
-"""Checkpoints of a training run: which one a run resumes from, and the model a checkpoint holds.
+"""Checkpoints of a training run: how they are written, which one a run resumes from, the model one holds.
 
 A checkpoint holds the trainable state only, plus the resolved run configuration that built it
 (``hparams["run_config"]``, plain containers), so it loads with ``torch.load(weights_only=True)``.
@@ -9,28 +9,72 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from pytorch_lightning.plugins import TorchCheckpointIO
 
+from moa.files import atomic_path, is_partial, remove_partials
 from moa.models.model import MoAModel
 from moa.models.unet import MoALayoutError
 
 log = logging.getLogger(__name__)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with the temp file in the checkpoint's own folder.
+
+    Lightning writes local checkpoints through an fsspec transaction: a temp file in ``$TMPDIR``, moved
+    into place at the end. When ``$TMPDIR`` is on another file system (a node-local /tmp, as on most
+    clusters) that move is a copy, and a kill during it truncates the checkpoint and orphans the temp
+    file. Remote paths (``s3://`` ...) keep Lightning's own writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step a checkpoint holds, or None if it does not load (truncated, not a checkpoint).
+    Memory-mapped, so checking a many-gigabyte checkpoint reads its index, not its tensors."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception as error:  # any failure to read means: not usable
+        log.warning("checkpoint %s is unreadable, skipping it (%s: %s)", path, type(error).__name__, error)
+        return None
+
+
+def run_checkpoints(output_dir: Path) -> list[Path]:
+    """Every checkpoint a run directory holds, whatever wrote it: ``ModelCheckpoint``'s ``last``,
+    ``last-vN`` and ``step_*``, the preemption callback's ``last``, Lightning's SLURM ``hpc_ckpt_*``."""
+    found = [*(output_dir / "checkpoints").glob("*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
+    return [p for p in found if not is_partial(p)]
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``"last"`` -> the newest of the run directory's ``checkpoints/last.ckpt`` and the
-    ``hpc_ckpt_*.ckpt`` that Lightning's SLURM requeue writes; none -> a fresh start."""
+    """``"last"`` -> the intact checkpoint of the run directory with the highest global step (the most
+    recently written among equals), falling back past unreadable ones with a warning; none -> a fresh
+    start. Temp files left by a kill during a checkpoint write are removed first."""
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "last":
-        candidates = [p for p in [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
-                      if p.exists()]
-        if candidates:
-            newest = max(candidates, key=lambda p: p.stat().st_mtime)
-            log.info("resuming from %s", newest)
+        remove_partials(output_dir / "checkpoints")
+        remove_partials(output_dir)
+        candidates = sorted(run_checkpoints(output_dir), key=lambda p: p.stat().st_mtime, reverse=True)
+        steps = {path: checkpoint_step(path) for path in candidates}
+        intact = [path for path in candidates if steps[path] is not None]
+        if intact:
+            newest = max(intact, key=lambda p: (steps[p], p.stat().st_mtime))
+            log.info("resuming from %s (step %d; %d checkpoint(s) found, %d unreadable)", newest, steps[newest],
+                     len(candidates), len(candidates) - len(intact))
             return str(newest)
-        log.info("no checkpoint in %s: starting fresh", output_dir)
+        if candidates:
+            log.warning("no readable checkpoint among %s: starting fresh", [str(p) for p in candidates])
+        else:
+            log.info("no checkpoint in %s: starting fresh", output_dir)
         return None
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint")

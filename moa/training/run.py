@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moa.checks import preflight
 from moa.config import CONFIG_DIR
+from moa.files import atomic_folder, write_text
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,7 @@ def wandb_run_id(output_dir: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     run_id = secrets.token_hex(4)  # wandb's own ids are 8 lowercase alphanumerics too
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id + "\n")
+    write_text(path, run_id + "\n")
     return run_id
 
 
@@ -53,6 +53,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # Heavy imports only now, so that a mistyped override or path fails in a second or two.
     import pytorch_lightning as pl
 
+    from moa.training.callbacks import PreemptionCheckpoint
     from moa.training.checkpoints import resolve_ckpt_path
 
     output_dir = Path(cfg.paths.output_dir)
@@ -77,8 +78,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        if trainer.is_global_zero and cfg.get("export_dir"):
-            log.info("exported the trained weights to %s", module.export(cfg.export_dir))
+        preempted = any(isinstance(c, PreemptionCheckpoint) and c.preempted for c in callbacks)
+        if preempted or trainer.interrupted:
+            log.warning("training stopped at step %d before its end: not exporting; run the same command again "
+                        "to resume", trainer.global_step)
+        elif trainer.is_global_zero and cfg.get("export_dir"):
+            with atomic_folder(cfg.export_dir) as staging:  # a stage is done once its export exists
+                module.export(staging)
+            log.info("exported the trained weights to %s", cfg.export_dir)
     finally:
         for logger in loggers:
             if isinstance(logger, pl.loggers.WandbLogger):
