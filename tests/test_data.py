@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from moa.data.datamodule import ResumableStreamSampler
-from moa.data.ffhq import CorruptDataError, FFHQWildDataset
+from moa.data.ffhq import FFHQWildDataset
 from moa.data.stores import FolderStore
 from moa.data.transforms import SubjectImageSpec
 
@@ -42,6 +42,26 @@ def test_sample_contents_match_the_files(make_dataset, synthetic_root):
     assert torch.all(sample["subject_pixel_values"][~sample["subject_valid"]] == 0)
 
 
+ANNOTATION_DEFECTS = {
+    "absent_segment": lambda a, p: p.update(id=999),
+    "end_out_of_range": lambda a, p: p.update(end=len(a["caption"]) + 5),
+    "end_missing": lambda a, p: p.pop("end"),
+    "end_a_string": lambda a, p: p.update(end=str(p["end"])),
+    "id_missing": lambda a, p: p.pop("id"),
+    "id_a_float": lambda a, p: p.update(id=float(p["id"])),
+    "bbox_missing": lambda a, p: p.pop("bbox"),
+    "bbox_three_numbers": lambda a, p: p.update(bbox=p["bbox"][:3]),
+    "bbox_strings": lambda a, p: p.update(bbox=[str(v) for v in p["bbox"]]),
+    "bbox_outside_the_image": lambda a, p: p.update(bbox=[500, 500, 600, 600]),
+    "bbox_inverted": lambda a, p: p.update(bbox=[p["bbox"][2], p["bbox"][3], p["bbox"][0], p["bbox"][1]]),
+    "caption_a_number": lambda a, p: a.update(caption=12),
+    "caption_missing": lambda a, p: a.pop("caption"),
+    "segments_not_a_list": lambda a, p: a.update(segments={"0": p}),
+    "segment_not_an_object": lambda a, p: a["segments"].insert(0, "person"),
+}
+FILE_DEFECTS = ["truncated_jpeg", "missing_npy", "npy_of_another_size", "annotation_a_list", "annotation_not_json"]
+
+
 def _corrupt(root, image_id, kind):
     stem = root / image_id[:5] / image_id
     if kind == "truncated_jpeg":
@@ -49,17 +69,20 @@ def _corrupt(root, image_id, kind):
         stem.with_suffix(".jpg").write_bytes(data[: len(data) // 3])
     elif kind == "missing_npy":
         stem.with_suffix(".npy").unlink()
-    elif kind in ("absent_segment", "end_out_of_range"):
+    elif kind == "npy_of_another_size":
+        np.save(stem.with_suffix(".npy"), np.zeros((7, 5), dtype=np.int64))
+    elif kind == "annotation_a_list":
+        stem.with_suffix(".json").write_text("[1, 2]")
+    elif kind == "annotation_not_json":
+        stem.with_suffix(".json").write_text("{caption: ")
+    else:
         annotation = json.loads(stem.with_suffix(".json").read_text())
         person = next(s for s in annotation["segments"] if s["coco_label"] == "person")
-        if kind == "absent_segment":
-            person["id"] = 999
-        else:
-            person["end"] = len(annotation["caption"]) + 5
+        ANNOTATION_DEFECTS[kind](annotation, person)
         stem.with_suffix(".json").write_text(json.dumps(annotation))
 
 
-@pytest.mark.parametrize("kind", ["truncated_jpeg", "missing_npy", "absent_segment", "end_out_of_range"])
+@pytest.mark.parametrize("kind", [*FILE_DEFECTS, *ANNOTATION_DEFECTS])
 def test_corrupt_sample_is_skipped_counted_and_named(make_dataset, synthetic_root, tmp_path, kind, caplog):
     root = tmp_path / "ffhq"
     shutil.copytree(synthetic_root, root)
@@ -68,19 +91,25 @@ def test_corrupt_sample_is_skipped_counted_and_named(make_dataset, synthetic_roo
     dataset = make_dataset(root)
     sample = dataset[2]
     assert sample["index"].item() == 3  # the next usable sample
+    assert sample["skipped"].item() == 1
     assert dataset.skipped == [bad_id]
-    assert bad_id in caplog.text
+    assert f"skipping sample {bad_id}" in caplog.text
 
 
-def test_too_many_corrupt_samples_stop_the_run(make_dataset, synthetic_root, tmp_path):
+def test_a_box_partly_outside_the_image_is_clipped_not_skipped(make_dataset, synthetic_root, tmp_path):
     root = tmp_path / "ffhq"
     shutil.copytree(synthetic_root, root)
-    for image_id in FolderStore(root).split("all")[::2]:
-        _corrupt(root, image_id, "missing_npy")
-    dataset = make_dataset(root, max_corrupt_fraction=0.2)
-    with pytest.raises(CorruptDataError, match="max_corrupt_fraction=0.2"):
-        for index in range(len(dataset)):
-            dataset[index]
+    image_id = FolderStore(root).split("all")[0]
+    reference = make_dataset(root)[0]
+    path = root / image_id[:5] / f"{image_id}.json"
+    annotation = json.loads(path.read_text())
+    for segment in annotation["segments"]:
+        x1, y1, x2, y2 = segment["bbox"]
+        segment["bbox"] = [x1 if x1 > 0 else -40, y1 if y1 > 0 else -40, x2 + 1000, y2 + 1000]
+    path.write_text(json.dumps(annotation))
+    sample = make_dataset(root)[0]
+    assert sample["skipped"].item() == 0
+    assert sample["subject_valid"].sum() == reference["subject_valid"].sum()
 
 
 def test_caption_longer_than_the_tokenizer_drops_only_the_cut_subject(make_dataset, synthetic_root, tmp_path):

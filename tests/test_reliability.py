@@ -100,3 +100,43 @@ def test_preemption_then_a_kill_loses_no_step_and_exports_nothing_unfinished(com
     _, final = train(compose_cfg(*common, out=run))
     assert final["trainer"].global_step == 12
     assert (run / "export" / "moa.safetensors").exists()
+
+
+def _corrupt_copy(source, destination, positions):
+    import shutil
+
+    from moa.data.stores import FolderStore
+    from tests.test_data import _corrupt
+
+    shutil.copytree(source, destination)
+    ids = FolderStore(destination).split("all")
+    for position in positions:
+        _corrupt(destination, ids[position], "bbox_inverted")
+    return ids
+
+
+def test_skips_are_summed_over_two_loader_workers_and_logged(compose_cfg, synthetic_root, tmp_path):
+    import csv
+
+    ids = _corrupt_copy(synthetic_root, tmp_path / "ffhq", positions=(1, 7, 13))
+    per_epoch = len(ids) // 2  # batch size 2: one epoch of the stream, so every corrupt sample is drawn once
+    cfg = compose_cfg(f"data.root={tmp_path / 'ffhq'}", "++data.split=all", "data.num_workers=2", "data.max_corrupt_fraction=0.5",
+                      f"trainer.max_steps={per_epoch}", "callbacks=none", "export_dir=null", out=tmp_path / "run")
+    _, objects = train(cfg)
+    assert (objects["datamodule"].samples_skipped, objects["datamodule"].samples_tried) == (3, len(ids) + 3)
+    rows = list(csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv")))))
+    logged = [r for r in rows if r.get("data/samples_skipped")]
+    assert float(logged[-1]["data/samples_skipped"]) == 3  # logged whenever a skip happens
+
+
+def test_the_corrupt_threshold_applies_to_the_totals(compose_cfg, synthetic_root, tmp_path):
+    import pytest
+
+    from moa.data.ffhq import CorruptDataError
+
+    ids = _corrupt_copy(synthetic_root, tmp_path / "ffhq", positions=range(0, 22, 3))
+    cfg = compose_cfg(f"data.root={tmp_path / 'ffhq'}", "++data.split=all", "data.num_workers=2",
+                      "data.max_corrupt_fraction=0.1",
+                      f"trainer.max_steps={len(ids)}", "callbacks=none", "export_dir=null", out=tmp_path / "run")
+    with pytest.raises(CorruptDataError, match=r"(all workers and ranks).*max_corrupt_fraction=0.1"):
+        train(cfg)

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import CLIPTokenizer
 
-from moa.data.ffhq import FFHQWildDataset, SubjectSource
+from moa.data.ffhq import CorruptDataError, FFHQWildDataset, SubjectSource
 from moa.data.transforms import SubjectImageSpec
 from moa.pretrained import check_pretrained_path, tokenizer_source
 from moa.seeding import derived_seed
@@ -63,7 +63,14 @@ class FFHQWildDataModule(pl.LightningDataModule):
         subject_source: where each subject's image comes from: None for the subject cut from the target
             image (FastComposer's way), or a callable (see ``moa.data.ffhq.SubjectSource``), e.g.
             SynthWorld's ``ReferenceRenders``.
+        max_corrupt_fraction: stop the run once more than this share of the samples tried (summed over
+            loader workers and ranks, at least ``MIN_TRIED_FOR_THRESHOLD`` of them) had to be skipped.
+
+    Skip totals are logged as ``data/samples_skipped``, ``data/samples_tried`` and
+    ``data/skipped_fraction`` and kept in the checkpoint, so a resumed run continues them.
     """
+
+    MIN_TRIED_FOR_THRESHOLD = 20
 
     def __init__(self, *, root: str, base_model: str, image_encoder: str, resolution: int = 512, batch_size: int = 32,
                  num_workers: int = 2, seed: int = 0, split: str = "train", data_format: str = "folder",
@@ -80,6 +87,7 @@ class FFHQWildDataModule(pl.LightningDataModule):
         self.resolution, self.batch_size, self.num_workers, self.seed = resolution, batch_size, num_workers, seed
         self.split, self.max_subjects, self.max_corrupt_fraction = split, max_subjects, max_corrupt_fraction
         self.dataset: FFHQWildDataset | None = None
+        self.samples_skipped = self.samples_tried = 0
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
@@ -88,7 +96,6 @@ class FFHQWildDataModule(pl.LightningDataModule):
                 max_subjects=self.max_subjects, subject_source=self.subject_source,
                 tokenizer=CLIPTokenizer.from_pretrained(self.tokenizer_source, subfolder="tokenizer"),
                 subject_image_spec=SubjectImageSpec.from_pretrained(self.image_encoder),
-                max_corrupt_fraction=self.max_corrupt_fraction,
             )
 
     def train_dataloader(self) -> DataLoader:
@@ -104,3 +111,32 @@ class FFHQWildDataModule(pl.LightningDataModule):
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
                           drop_last=True)
+
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
+        """Add this batch's skips, summed over ranks, to the run's totals; log them; stop past the threshold."""
+        skipped = batch.pop("skipped", None)
+        if skipped is None or self.trainer is None:
+            return batch
+        counts = torch.stack([skipped.sum(), torch.tensor(skipped.numel(), device=skipped.device)]).float()
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        new_skips = int(counts[0])
+        self.samples_skipped += new_skips
+        self.samples_tried += new_skips + int(counts[1])
+        fraction = self.samples_skipped / self.samples_tried
+        step = self.trainer.global_step
+        if self.trainer.is_global_zero and (new_skips or step % self.trainer.log_every_n_steps == 0):
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"data/samples_skipped": self.samples_skipped, "data/samples_tried":
+                                    self.samples_tried, "data/skipped_fraction": fraction}, step=step)
+        if self.samples_tried >= self.MIN_TRIED_FOR_THRESHOLD and fraction > self.max_corrupt_fraction:
+            raise CorruptDataError(
+                f"{self.samples_skipped} of {self.samples_tried} samples tried in {self.root} (all workers and "
+                f"ranks) could not be used, above data.max_corrupt_fraction={self.max_corrupt_fraction}; the "
+                f"reasons, with each sample's id, are in the log")
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"samples_skipped": self.samples_skipped, "samples_tried": self.samples_tried}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.samples_skipped, self.samples_tried = state_dict["samples_skipped"], state_dict["samples_tried"]

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from moa.data.stores import open_store
-from moa.data.subjects import MAX_SUBJECTS, SubjectBindingError, token_positions
+from moa.data.subjects import MAX_SUBJECTS, token_positions
 from moa.data.transforms import SubjectImageSpec, image_to_tensor, resize_center_crop, subject_crop
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,46 @@ class RawSample:
     subjects: list[dict]  # person segments sorted by their position in the caption
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def checked_person(image_id: str, segment, caption: str, present: set[int], size: tuple[int, int]) -> dict:
+    """One person segment with every field checked and its box clipped to the image ``size`` = (H, W);
+    raises ``CorruptSampleError`` naming the field and what was expected."""
+    if not isinstance(segment, dict):
+        raise CorruptSampleError(f"{image_id}: a segment is {type(segment).__name__}, expected an object")
+    for field in ("id", "end"):
+        if not _is_int(segment.get(field)):
+            raise CorruptSampleError(f"{image_id}: segment field {field!r} = {segment.get(field)!r}, expected an integer")
+    if segment["id"] not in present:
+        raise CorruptSampleError(f"{image_id}: segment id {segment['id']} is absent from the segment map")
+    if not 0 < segment["end"] <= len(caption):
+        raise CorruptSampleError(f"{image_id}: segment {segment['id']} end={segment['end']} is outside the "
+                                 f"caption ({len(caption)} characters)")
+    bbox = segment.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                              and np.isfinite(v) for v in bbox)):
+        raise CorruptSampleError(f"{image_id}: segment {segment['id']} bbox={bbox!r}, expected [x1, y1, x2, y2] numbers")
+    height, width = size
+    x1, y1, x2, y2 = (int(round(v)) for v in bbox)
+    clipped = [max(0, x1), max(0, y1), min(width, x2), min(height, y2)]
+    if clipped[2] - clipped[0] < 2 or clipped[3] - clipped[1] < 2:
+        raise CorruptSampleError(f"{image_id}: segment {segment['id']} bbox={bbox} is inverted or lies outside the "
+                                 f"{width}x{height} image (x2 > x1 and y2 > y1 expected, in pixels)")
+    return {**segment, "bbox": clipped}
+
+
 def read_raw_sample(store, image_id: str) -> RawSample:
     """Read and check one sample; raise ``CorruptSampleError`` naming the id and the problem."""
     try:
         annotation = json.loads(store.read(image_id, "json"))
         caption, segments_meta = annotation["caption"], annotation["segments"]
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise CorruptSampleError(f"{image_id}: unreadable annotation {image_id}.json ({error})") from error
+    if not isinstance(caption, str) or not isinstance(segments_meta, list):
+        raise CorruptSampleError(f"{image_id}: {image_id}.json has caption {type(caption).__name__} and segments "
+                                 f"{type(segments_meta).__name__}, expected a string and a list")
     try:
         with Image.open(io.BytesIO(store.read(image_id, "jpg"))) as image:
             image.load()  # forces a full decode, so truncated files fail here
@@ -68,19 +101,11 @@ def read_raw_sample(store, image_id: str) -> RawSample:
     if segments.shape != (image.height, image.width):
         raise CorruptSampleError(f"{image_id}: segment map {segments.shape} != image {(image.height, image.width)}")
     present = set(np.unique(segments).tolist())
-    subjects = []
-    for segment in segments_meta:
-        if segment.get("coco_label") != "person":
-            continue
-        if segment["id"] not in present:
-            raise CorruptSampleError(f"{image_id}: segment id {segment['id']} is absent from the segment map")
-        if not 0 < int(segment["end"]) <= len(caption):
-            raise CorruptSampleError(f"{image_id}: segment {segment['id']} end={segment['end']} is outside the "
-                                     f"caption ({len(caption)} characters)")
-        subjects.append(segment)
+    subjects = [checked_person(image_id, segment, caption, present, segments.shape) for segment in segments_meta
+                if not isinstance(segment, dict) or segment.get("coco_label") == "person"]
     if not subjects:
         raise CorruptSampleError(f"{image_id}: no person segment")
-    subjects.sort(key=lambda s: int(s["end"]))
+    subjects.sort(key=lambda s: s["end"])
     return RawSample(image=image, segments=segments, caption=caption, subjects=subjects)
 
 
@@ -107,13 +132,17 @@ class FFHQWildDataset(Dataset):
         subject_masks         (S, R, R) float {0, 1}
         index                 () long, dataset index of the sample actually returned
 
-    with ``S = max_subjects``. A corrupt sample is skipped (the next index is used), counted and logged
-    with its id; more than ``max_corrupt_fraction`` of the samples tried raises ``CorruptDataError``.
+        skipped               () long, how many samples were skipped before this one was found
+
+    with ``S = max_subjects``. A sample that fails in any way (unreadable file, missing or mistyped
+    field, a box outside the image ...) is skipped for the next index, and logged with its id and the
+    reason. The count travels with the item, so the skip totals can be summed over loader workers
+    and ranks (``FFHQWildDataModule`` does, and applies ``data.max_corrupt_fraction`` to them).
     """
 
     def __init__(self, root: str | Path, *, tokenizer: PreTrainedTokenizerBase, subject_image_spec: SubjectImageSpec,
                  resolution: int, split: str = "train", data_format: str = "folder", max_subjects: int = MAX_SUBJECTS,
-                 max_corrupt_fraction: float = 0.05, subject_source: SubjectSource | None = None):
+                 subject_source: SubjectSource | None = None):
         self.root = Path(root)
         self.store = open_store(root, data_format)
         if not 1 <= max_subjects <= MAX_SUBJECTS:
@@ -129,9 +158,7 @@ class FFHQWildDataset(Dataset):
         self.spec = subject_image_spec
         self.resolution = resolution
         self.max_subjects = max_subjects
-        self.max_corrupt_fraction = max_corrupt_fraction
-        self.tried = 0
-        self.skipped: list[str] = []
+        self.skipped: list[str] = []  # ids skipped by this process (each loader worker has its own list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -139,21 +166,14 @@ class FFHQWildDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         for offset in range(len(self.ids)):
             candidate = (index + offset) % len(self.ids)
-            self.tried += 1
             try:
-                return self._load(candidate)
-            except (CorruptSampleError, SubjectBindingError) as error:
-                self._skip(self.ids[candidate], str(error))
-        raise CorruptDataError(f"data.root={str(self.root)!r}: no usable sample at all")
-
-    def _skip(self, image_id: str, reason: str) -> None:
-        self.skipped.append(image_id)
-        log.warning("skipping sample %s (%d skipped of %d tried): %s", image_id, len(self.skipped), self.tried, reason)
-        if self.tried >= 20 and len(self.skipped) / self.tried > self.max_corrupt_fraction:
-            raise CorruptDataError(
-                f"{len(self.skipped)} of {self.tried} samples tried in {self.root} were corrupt, above "
-                f"data.max_corrupt_fraction={self.max_corrupt_fraction}; first ids: {self.skipped[:5]}"
-            )
+                return {**self._load(candidate), "skipped": torch.tensor(offset)}
+            except Exception as error:  # noqa: BLE001 (one bad sample must never stop a run; the totals do)
+                reason = str(error) if isinstance(error, CorruptSampleError) else f"{type(error).__name__}: {error}"
+                self.skipped.append(self.ids[candidate])
+                log.warning("skipping sample %s: %s", self.ids[candidate], reason)
+        raise CorruptDataError(f"data.root={str(self.root)!r}: no usable sample at all (first skipped: "
+                               f"{self.skipped[:5]})")
 
     def caption(self, index: int) -> str:
         return json.loads(self.store.read(self.ids[index], "json"))["caption"]
