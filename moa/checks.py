@@ -1,28 +1,65 @@
-"""Checks of a run's configuration that run before anything heavy is imported or loaded."""
+"""Configuration errors: one line naming the option, checked before anything heavy is imported or loaded.
+
+Every failure is a ``ConfigError`` whose message is one line: the option, its value, what was expected.
+The entry points (``train.py``, ``evaluate.py``) print that line and exit with status 2, without a trace.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+import math
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import NamedTuple
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from moa.pretrained import check_pretrained_path
+log = logging.getLogger(__name__)
 
 
-def preflight(cfg: DictConfig) -> None:
-    """Check the run's input paths in a fraction of a second. Paths the embedded default builds
-    itself are skipped (they appear on first use)."""
-    embedded = cfg.get("embedded") or {}
-    built = {str(embedded.get("data_root", "")), str(embedded.get("components_dir", ""))}
+class ConfigError(ValueError):
+    """A configuration value or path that cannot work (the message names the option and the fix)."""
 
-    def is_built(path: str) -> bool:
-        return any(b and path.startswith(b) for b in built)
 
-    root = str(cfg.data.root)
-    if not is_built(root) and not Path(root).is_dir():
-        raise FileNotFoundError(f"data.root={root!r}: no such folder (expected FastComposer's FFHQ-wild layout)")
-    for option, expect in (("base_model", "a diffusers Stable Diffusion folder or a single-file checkpoint"),
-                           ("image_encoder", "a CLIP vision model folder")):
-        value = str(cfg[option])
-        if not is_built(value):
-            check_pretrained_path(value, option=option, expect=expect)
+class Range(NamedTuple):
+    """What an option accepts: an integer (else any finite number) in [low, high]; ``above_low`` makes the
+    lower bound strict; ``nullable`` accepts null (meaning: the default); ``multiple_of`` for sizes."""
+
+    integer: bool
+    low: float
+    high: float | None
+    expected: str
+    above_low: bool = False
+    nullable: bool = False
+    multiple_of: int = 1
+
+    def accepts(self, value) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        return (math.isfinite(value) and (value > self.low if self.above_low else value >= self.low)
+                and (self.high is None or value <= self.high) and (not self.integer or value % self.multiple_of == 0))
+
+
+def check_ranges(cfg: DictConfig, ranges: dict[str, Range]) -> None:
+    """Raise ``ConfigError`` for the first option of ``ranges`` whose value it does not accept; options
+    absent from ``cfg`` are skipped (each config group has its own options)."""
+    for option, accepted in ranges.items():
+        value = OmegaConf.select(cfg, option, default="<absent>", throw_on_missing=False)
+        if value != "<absent>" and not accepted.accepts(value):
+            raise ConfigError(f"{option}={value!r}: expected {accepted.expected}")
+
+
+def exit_on_config_error(main: Callable) -> Callable:
+    """Wrap an entry point: a ``ConfigError`` is printed as its one line, and the process exits with 2."""
+
+    @wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except ConfigError as error:
+            log.error("configuration error: %s", error)
+            sys.exit(2)
+    return wrapped

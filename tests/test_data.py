@@ -156,8 +156,11 @@ def test_stream_sampler_resumes_at_the_exact_sample_and_shards_ranks():
 def test_shards_give_the_same_samples_as_the_folder(make_dataset, synthetic_root, tmp_path):
     from moa.data.shards import pack_shards
 
+    for wrong in (0, -1):
+        with pytest.raises(ValueError, match="samples-per-shard"):
+            pack_shards(synthetic_root, tmp_path / "none", samples_per_shard=wrong)
     shards = pack_shards(synthetic_root, tmp_path / "shards", samples_per_shard=7)
-    assert len(list(shards.glob("shard-*.tar"))) == 4
+    assert sorted(p.name for p in shards.iterdir()) == ["index.json", *(f"shard-{i:05d}.tar" for i in range(4))]
     folder, packed = make_dataset(synthetic_root), make_dataset(shards, data_format="shards")
     assert folder.ids == packed.ids
     for index in (0, 5, 13, 23):

@@ -39,3 +39,44 @@ def test_evaluate_on_a_trained_checkpoint_and_resume(compose_cfg, tmp_path):
     stamps = {p: os.stat(p).st_mtime_ns for p in images}
     assert evaluate(cfg) == metrics
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
+    # A damaged image (outside interference: our writes are atomic) and a kill's leftover temp file:
+    # the image is generated again, the leftover removed, the numbers unchanged.
+    damaged = images[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    leftover = damaged.with_name(f".{damaged.stem}.partial-999.png")
+    leftover.write_bytes(b"half")
+    assert evaluate(cfg) == metrics
+    assert os.stat(damaged).st_mtime_ns != stamps[damaged] and not leftover.exists()
+
+
+def test_evaluation_config_errors_come_before_any_model_loads(tmp_path):
+    import time
+
+    import pytest
+
+    from moa.checks import ConfigError
+
+    (tmp_path / "x.ckpt").write_bytes(b"")
+
+    def config(*overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="evaluate", overrides=[
+                f"ckpt_path={tmp_path / 'x.ckpt'}", "metrics.identity.allow_random_weights=true", "wandb.enabled=false",
+                f"paths.root_dir={tmp_path}", *overrides])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "eval")
+        return cfg
+
+    cases = [("metrics.identity.weights=/no/such/vggface2.pt", "metrics.identity.weights='/no/such/vggface2.pt'"),
+             ("metrics.identity.allow_random_weights=false", "metrics.identity.weights is not set"),
+             ("num_inference_steps=0", "num_inference_steps=0: expected a positive"),
+             ("seeds=[0,a]", "seeds="),
+             ("ckpt_path=null", "set exactly one of ckpt_path")]
+    for override, expected in cases:
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
+            evaluate(config(override))
+        assert time.monotonic() - start < 2
+    with pytest.raises(ValueError, match=r"x.ckpt'?: unreadable checkpoint \(EOFError"):
+        evaluate(config())  # a valid config: the empty checkpoint is named, not a bare EOFError

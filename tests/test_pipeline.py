@@ -222,6 +222,11 @@ def test_clear_errors_before_generation(pipe, faces, tmp_path, tiny_dir):
     for wrong in (np.ones((height // 2, width), bool), np.ones((height, width, 3), bool)):
         with pytest.raises(ValueError, match=r"subject 'man': mask of shape .* expected the image's"):
             pipe("a man on a horse", [Subject(faces[0], "man", mask=wrong)], num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="prompt=None: give a prompt"):
+        pipe(None, num_inference_steps=STEPS)
+    for wrong_prompt in (3, ["a man", 4], []):
+        with pytest.raises(TypeError, match="expected a string or a non-empty list of strings"):
+            pipe(wrong_prompt, num_inference_steps=STEPS)
     export = pipe.moa.export_moa(tmp_path / "export")
     weights = load_file(export / EXPORT_WEIGHTS)
     weights.pop(next(k for k in weights if k.startswith("unet.up_blocks")))

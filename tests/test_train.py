@@ -96,20 +96,30 @@ def test_export_reproduces_the_trained_module(compose_cfg, tmp_path, tiny_dir):
 
 @pytest.mark.parametrize("override, expected", [
     ("experiment=does_not_exist", "experiment"),
-    ("data.root=/no/such/folder", "data.root"),
-    ("base_model=/no/such/model", "base_model="),
+    ("data.root=/no/such/folder", "data.root='/no/such/folder': no such folder"),
+    ("data.root={tmp}", "image_ids_train.txt not found"),
+    ("base_model=/no/such/model", "base_model='/no/such/model': no such path"),
     ("base_model=/no/such/model.safetensors", "base_model="),
+    ("trainer.max_steps=abc", "trainer.max_steps='abc': expected a positive number"),
+    ("data.batch_size=-1", "data.batch_size=-1: expected a positive"),
+    ("data.resolution=100", "data.resolution=100: expected a positive multiple of 8"),
+    ("model.lambda_router=-1e-4", "model.lambda_router=-0.0001: expected a non-negative"),
+    ("model.optimizer.lr=0", "model.optimizer.lr=0: expected a positive learning rate"),
+    ("model.condition_dropout=1.5", "model.condition_dropout=1.5: expected a probability"),
+    ("ckpt_path=/no/such.ckpt", "ckpt_path='/no/such.ckpt': no such checkpoint file"),
 ])
-def test_bad_config_fails_fast_naming_the_option(override, expected, tmp_path, tiny_dir):
+def test_bad_config_fails_fast_with_one_line_naming_the_option(override, expected, tmp_path, tiny_dir):
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), override, f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/c",
-         "logger=csv", f"embedded.components_dir={tiny_dir}"],
+        [sys.executable, str(ROOT / "train.py"), override.format(tmp=tmp_path), f"hydra.run.dir={tmp_path}",
+         f"paths.cache_dir={tmp_path}/c", "logger=csv", f"embedded.components_dir={tiny_dir}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=60,
     )
     elapsed = time.monotonic() - start
+    output = result.stderr + result.stdout
     assert result.returncode != 0
-    assert expected in result.stderr + result.stdout
+    assert expected in output
+    assert "Traceback" not in output, output
     assert elapsed < 10, f"took {elapsed:.1f}s"
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from moa.data.stores import SHARD_INDEX, SPLIT_FILES, FolderStore
+from moa.files import atomic_path, write_text
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ def pack_shards(root: str | os.PathLike, out: str | os.PathLike, *, samples_per_
     """Pack an FFHQ-wild folder into tar shards plus ``index.json``: each sample's jpg/json/npy and any
     companion file ``<id>_*``. Missing files are left out (the reader then reports the sample as
     corrupt, exactly as the folder reader would)."""
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard={samples_per_shard!r}: expected a positive number of samples")
     source, out = FolderStore(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     splits = {name: source.split(name) for name, file in SPLIT_FILES.items() if (source.root / file).exists()}
@@ -37,8 +40,7 @@ def pack_shards(root: str | os.PathLike, out: str | os.PathLike, *, samples_per_
     members: dict[str, dict[str, list]] = {}
     for first in tqdm(range(0, len(ids), samples_per_shard), desc="packing shards"):
         name = f"shard-{first // samples_per_shard:05d}.tar"
-        tmp = out / f".{name}.tmp"
-        with tarfile.open(tmp, "w") as tar:
+        with atomic_path(out / name) as tmp, tarfile.open(tmp, "w") as tar:
             for image_id in ids[first: first + samples_per_shard]:
                 folder = source.root / image_id[:5]
                 files = [folder / f"{image_id}.{extension}" for extension in EXTENSIONS]
@@ -47,21 +49,26 @@ def pack_shards(root: str | os.PathLike, out: str | os.PathLike, *, samples_per_
                 for path in files:
                     if path.exists():
                         tar.add(path, arcname=path.name)
-        with tarfile.open(tmp) as tar:
+        with tarfile.open(out / name) as tar:
             for member in tar.getmembers():
                 image_id, extension = member.name.rsplit(".", 1)
                 members.setdefault(image_id, {})[extension] = [name, member.offset_data, member.size]
-        os.replace(tmp, out / name)
-    (out / SHARD_INDEX).write_text(json.dumps({"splits": splits, "members": members}))
+    write_text(out / SHARD_INDEX, json.dumps({"splits": splits, "members": members}))
     log.info("packed %d samples into %s", len(ids), out)
     return out
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of samples")
+    return int(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="FFHQ-wild folder")
     parser.add_argument("--out", required=True, help="output folder for shard-*.tar and index.json")
-    parser.add_argument("--samples-per-shard", type=int, default=2000)
+    parser.add_argument("--samples-per-shard", type=positive_int, default=2000)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     pack_shards(args.root, args.out, samples_per_shard=args.samples_per_shard)

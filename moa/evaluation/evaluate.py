@@ -21,7 +21,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from moa.checks import ConfigError, Range, check_ranges, exit_on_config_error
 from moa.config import CONFIG_DIR
+from moa.files import remove_partials, save_image, write_text
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +39,41 @@ def protocol_prompts(protocol, limit: int | None) -> list[tuple[int, str]]:
     return chosen
 
 
+EVALUATION_RANGES = {
+    "num_inference_steps": Range(True, 1, None, "a positive number of denoising steps"),
+    "guidance_scale": Range(False, 0, None, "a non-negative guidance scale (1: no guidance)"),
+    "subsample.subjects": Range(True, 1, None, "a positive number of subjects, or null for all", nullable=True),
+    "subsample.prompts": Range(True, 1, None, "a positive number of prompts per category, or null for all",
+                               nullable=True),
+    "grid_prompts": Range(True, 0, None, "0 or more prompts per grid"),
+}
+
+
+def check_evaluation_config(cfg: DictConfig) -> None:
+    """Everything that can be checked before a model loads or an image is generated (a second or less)."""
+    check_ranges(cfg, EVALUATION_RANGES)
+    if not cfg.seeds or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in cfg.seeds):
+        raise ConfigError(f"seeds={list(cfg.seeds or [])!r}: expected a non-empty list of integers")
+    if bool(cfg.ckpt_path) == bool(cfg.moa_weights):
+        raise ConfigError("set exactly one of ckpt_path (a train.py checkpoint) or moa_weights (an exported folder)")
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    if cfg.moa_weights and not Path(cfg.moa_weights).is_dir():
+        raise ConfigError(f"moa_weights={cfg.moa_weights!r}: no such folder (expected train.py's export_dir)")
+    weights = cfg.metrics.identity.weights
+    if weights is None and not cfg.metrics.identity.allow_random_weights:
+        raise ConfigError("metrics.identity.weights is not set: give facenet-pytorch's VGGFace2 weights file, "
+                          "'download', or metrics.identity.allow_random_weights=true for a test-only run")
+    if weights not in (None, "download") and not Path(weights).is_file():
+        raise ConfigError(f"metrics.identity.weights={weights!r}: no such file (expected facenet-pytorch's "
+                          "20180402-114759-vggface2.pt, or 'download')")
+
+
 def load_model(cfg: DictConfig):
     from moa.models.model import MoAModel
     from moa.training.checkpoints import model_from_checkpoint
 
-    if bool(cfg.ckpt_path) == bool(cfg.moa_weights):
-        raise ValueError("set exactly one of ckpt_path (a train.py checkpoint) or moa_weights (an exported folder)")
     if cfg.ckpt_path:
-        if not Path(cfg.ckpt_path).exists():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint")
         return model_from_checkpoint(cfg.ckpt_path)
     return MoAModel.from_pretrained(cfg.base_model, cfg.image_encoder, moa_weights=cfg.moa_weights,
                                     base_model_config=cfg.base_model_config)
@@ -62,6 +90,7 @@ def generate_grid(cfg: DictConfig, pipe, protocol, subjects: list[str], prompts:
     from moa.evaluation.metrics import subject_region
     from moa.inference.pipeline import Subject
 
+    remove_partials(out_dir / "images", recursive=True)
     jobs = [(s, i, t) for s in subjects for i, t in prompts]
     jobs += [("prior", i, t, w) for w in sorted({protocol.class_token[s] for s in subjects}) for i, t in prompts]
     for job in tqdm(jobs, desc="generating protocol images"):
@@ -69,9 +98,8 @@ def generate_grid(cfg: DictConfig, pipe, protocol, subjects: list[str], prompts:
         word = job[3] if subject == "prior" else protocol.class_token[subject]
         folder = out_dir / "images" / (f"prior_{word}" if subject == "prior" else subject)
         paths = [folder / f"{index:02d}_seed{seed}.png" for seed in cfg.seeds]
-        if all(p.exists() for p in paths):
+        if all(readable_image(p) for p in paths):
             continue
-        folder.mkdir(parents=True, exist_ok=True)
         prompt = template.format(c=word)
         subjects_arg = None if subject == "prior" else [[Subject(protocol.reference_image(subject), word)]] * len(paths)
         generators = [torch.Generator(device=cfg.device).manual_seed(int(seed)) for seed in cfg.seeds]
@@ -85,8 +113,29 @@ def generate_grid(cfg: DictConfig, pipe, protocol, subjects: list[str], prompts:
                 if not maps:  # no router (no_moa ablation): fall back to the detected face
                     boxes = face_boxes(image)
                 region = subject_region(maps or None, image_size=(image.height, image.width), face_boxes=boxes)
-                Image.fromarray((region[0, 0].numpy() * 255).astype("uint8")).save(path.with_name(path.stem + "_region.png"))
-            image.save(path)  # the image last, so a present image means its region is there too
+                save_image(Image.fromarray((region[0, 0].numpy() * 255).astype("uint8")), region_path(path))
+            save_image(image, path)  # the image last, so a present image means its region is there too
+
+
+def region_path(image_path: Path) -> Path:
+    return image_path.with_name(image_path.stem + "_region.png")
+
+
+def readable_image(path: Path) -> bool:
+    """Whether an earlier run left a complete image (and, for a subject image, its region) at ``path``.
+    Every image is written atomically, so a damaged file means outside interference: it is redone."""
+    from PIL import Image
+
+    if not path.exists():
+        return False
+    for file in [path] + ([region_path(path)] if region_path(path).exists() else []):
+        try:
+            with Image.open(file) as image:
+                image.load()
+        except OSError as error:
+            log.warning("%s is unreadable (%s): generating it again", file, error)
+            return False
+    return True
 
 
 @functools.cache
@@ -125,7 +174,7 @@ def compute_metrics(cfg: DictConfig, protocol, subjects: list[str], prompts: lis
     def load(folder: str, index: int) -> tuple[list, torch.Tensor, torch.Tensor | None]:
         paths = [out_dir / "images" / folder / f"{index:02d}_seed{seed}.png" for seed in cfg.seeds]
         images = [Image.open(p).convert("RGB") for p in paths]
-        regions = [p.with_name(p.stem + "_region.png") for p in paths]
+        regions = [region_path(p) for p in paths]
         region = None
         if all(r.exists() for r in regions):
             region = torch.stack([pil_to_tensor([Image.open(r).convert("RGB")])[0, :1] for r in regions]).round()
@@ -184,10 +233,10 @@ def write_report(metrics: dict[str, float], provenance: dict, info: dict, out_di
     lines += [f"| {descriptions.get(k, k)} | {'inf' if math.isinf(v) else f'{v:.4f}'} |" for k, v in metrics.items()]
     lines += ["", f"Identity model: {provenance['identity_weights']}",
               f"Prompt-consistency model: {provenance['prompt_consistency_model']}"]
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    write_text(out_dir / "results.md", "\n".join(lines) + "\n")
     payload = {"metrics": {k: (None if math.isinf(v) else v) for k, v in metrics.items()},
                "infinite": [k for k, v in metrics.items() if math.isinf(v)], **provenance, **info}
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_text(out_dir / "results.json", json.dumps(payload, indent=2) + "\n")
 
 
 def write_grids(cfg: DictConfig, protocol, subjects: list[str], prompts: list[tuple[int, str]], out_dir: Path) -> list:
@@ -207,8 +256,7 @@ def write_grids(cfg: DictConfig, protocol, subjects: list[str], prompts: list[tu
             rows.append([reference.resize(row[0].size), prior, *row])
             labels.append(f"prompt {index}")
         path = out_dir / "grids" / f"{subject}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(rows, labels).save(path)
+        save_image(image_grid(rows, labels), path)
         grids.append(path)
     return grids
 
@@ -216,13 +264,14 @@ def write_grids(cfg: DictConfig, protocol, subjects: list[str], prompts: list[tu
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     from moa.evaluation.protocol import load_protocol
 
-    protocol = load_protocol(cfg.protocol_dir)
+    check_evaluation_config(cfg)
+    try:
+        protocol = load_protocol(cfg.protocol_dir)
+    except FileNotFoundError as error:
+        raise ConfigError(f"protocol_dir={cfg.protocol_dir!r}: {error}") from None
     subjects = list(protocol.class_token)[: cfg.subsample.subjects]
     prompts = protocol_prompts(protocol, cfg.subsample.prompts)
     out_dir = Path(cfg.paths.output_dir)
-    if cfg.metrics.identity.weights is None and not cfg.metrics.identity.allow_random_weights:
-        raise ValueError("metrics.identity.weights is not set: give facenet-pytorch's VGGFace2 weights file, "
-                         "'download', or metrics.identity.allow_random_weights=true for a test-only run")
 
     from moa.inference.pipeline import MoAPipeline, scheduler_from_name
 
@@ -256,5 +305,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@exit_on_config_error
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)

@@ -14,7 +14,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from moa.checks import ConfigError, exit_on_config_error
 from moa.config import CONFIG_DIR
+from moa.files import save_image, write_text
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +46,17 @@ def generate(cfg: DictConfig) -> list[dict]:
     from moa.models.model import EXPORT_WEIGHTS, MoAModel
     from moa.pretrained import check_pretrained_path
 
-    check_pretrained_path(cfg.moa_weights, option="moa_weights", expect="a folder written by train.py's export")
+    try:
+        check_pretrained_path(cfg.moa_weights, option="moa_weights", expect="a folder written by train.py's export")
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
     requests = OmegaConf.to_container(cfg.requests, resolve=True)
     for index, request in enumerate(requests):
+        if not isinstance(request.get("prompt"), str) or not isinstance(request.get("seed"), int):
+            raise ConfigError(f"requests[{index}]: needs a string 'prompt' and an integer 'seed', got {request}")
         for subject in request.get("subjects") or []:
             if not Path(subject["image"]).exists():
-                raise FileNotFoundError(f"requests[{index}].subjects: image {subject['image']!r} does not exist")
+                raise ConfigError(f"requests[{index}].subjects: image {subject['image']!r} does not exist")
 
     model = MoAModel.from_pretrained(cfg.base_model, cfg.image_encoder, moa_weights=cfg.moa_weights,
                                      base_model_config=cfg.base_model_config)
@@ -70,20 +77,22 @@ def generate(cfg: DictConfig) -> list[dict]:
                       guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, generator=[generator],
                       record_router_maps=cfg.record_router_maps)
         name = f"{index:04d}_seed{request['seed']}"
-        output.images[0].save(out_dir / f"{name}.png")
+        save_image(output.images[0], out_dir / f"{name}.png")
         if output.router_maps:
             latent = output.images[0].height // pipe.vae_scale_factor, output.images[0].width // pipe.vae_scale_factor
-            router_map_figure(output.router_maps, latent_size=latent, title=request["prompt"]).save(
-                out_dir / f"{name}_router_maps.png")
+            save_image(router_map_figure(output.router_maps, latent_size=latent, title=request["prompt"]),
+                       out_dir / f"{name}_router_maps.png")
         records.append({"image": f"{name}.png", "prompt": request["prompt"], "seed": int(request["seed"]),
                         "subjects": [{"image": str(s.image), "word": s.word, "sha256": file_digest(s.image)}
                                      for s in subjects]})
+        # Rewritten after every image, so an interrupted run still says how each finished image was made.
+        write_text(out_dir / "generation.json", json.dumps({**common, "images": records}, indent=2, default=str) + "\n")
         log.info("wrote %s", out_dir / f"{name}.png")
-    (out_dir / "generation.json").write_text(json.dumps({**common, "images": records}, indent=2, default=str) + "\n")
     return records
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
+@exit_on_config_error
 def main(cfg: DictConfig) -> None:
     generate(cfg)
 

@@ -182,7 +182,14 @@ class MoAPipeline(StableDiffusionPipeline):
         record_router_maps / record_attention_maps: return every layer's prior weight map, and every
             cross-attention layer's personalized attention at the subject tokens, for each step.
         """
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("prompt=None: give a prompt (a string or a list of strings), or prompt_embeds")
+        if prompt is not None and not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+                                                                    and all(isinstance(p, str) for p in prompt))):
+            raise TypeError(f"prompt={prompt!r}: expected a string or a non-empty list of strings")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        if (subjects or prepared_subjects is not None) and not prompts:
+            raise ValueError("subjects are bound to words of the prompt: give prompt too, not only prompt_embeds")
         batch = len(prompts) if prompts else prompt_embeds.shape[0]
         if subjects and isinstance(subjects[0], Subject):
             subjects = [subjects]

@@ -27,6 +27,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from moa.checks import ConfigError, exit_on_config_error
 from moa.config import CONFIG_DIR, asset
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,13 @@ def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> t
 def check_config(cfg: DictConfig) -> None:
     """Fail on a bad choice before any stage runs."""
     if cfg.prior not in ("train", "committed") and not (Path(str(cfg.prior)) / "model_index.json").exists():
-        raise ValueError(f"prior={cfg.prior!r}: expected 'train', 'committed' or a diffusers Stable Diffusion folder")
+        raise ConfigError(f"prior={cfg.prior!r}: expected 'train', 'committed' or a diffusers Stable Diffusion folder")
     if cfg.judges not in ("auto", "train", "committed"):
-        raise ValueError(f"judges={cfg.judges!r}: expected 'auto', 'train' or 'committed'")
+        raise ConfigError(f"judges={cfg.judges!r}: expected 'auto', 'train' or 'committed'")
     experiments = Path(CONFIG_DIR) / "experiment"
     unknown = [v for v in cfg.variants if not (experiments / f"{v}.yaml").exists()]
     if unknown:
-        raise ValueError(f"variants: {unknown} are not experiments in {experiments}")
+        raise ConfigError(f"variants: {unknown} are not experiments in {experiments}")
 
 
 def reproduce(cfg: DictConfig) -> dict:
@@ -144,5 +145,6 @@ def reproduce(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="synthworld")
+@exit_on_config_error
 def main(cfg: DictConfig) -> None:
     reproduce(cfg)

@@ -84,7 +84,10 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
 def model_from_checkpoint(ckpt_path: str | os.PathLike) -> MoAModel:
     """Rebuild the model from a Lightning checkpoint written by ``train.py``: the base model and MoA
     settings come from the run configuration stored in it, the weights from its state dict."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"ckpt_path={str(ckpt_path)!r}: unreadable checkpoint ({type(error).__name__}: {error})") from error
     run = checkpoint.get("hyper_parameters", {}).get("run_config")
     if not run:
         raise ValueError(f"ckpt_path={str(ckpt_path)!r}: no run_config in the checkpoint (not written by train.py?)")

@@ -14,9 +14,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moa.checks import preflight
+from moa.checks import exit_on_config_error
 from moa.config import CONFIG_DIR
 from moa.files import atomic_folder, write_text
+from moa.training.preflight import preflight
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@exit_on_config_error
 def main(cfg: DictConfig) -> None:
     metrics, _ = train(cfg)
     log.info("final metrics: %s", {k: round(v, 5) for k, v in metrics.items()})
