@@ -107,6 +107,7 @@ def test_export_reproduces_the_trained_module(compose_cfg, tmp_path, tiny_dir):
     ("model.optimizer.lr=0", "model.optimizer.lr=0: expected a positive learning rate"),
     ("model.condition_dropout=1.5", "model.condition_dropout=1.5: expected a probability"),
     ("ckpt_path=/no/such.ckpt", "ckpt_path='/no/such.ckpt': no such checkpoint file"),
+    ("model.frozen_dtype=bf16", "model.frozen_dtype=bf16: needs a mixed trainer.precision"),
 ])
 def test_bad_config_fails_fast_with_one_line_naming_the_option(override, expected, tmp_path, tiny_dir):
     start = time.monotonic()

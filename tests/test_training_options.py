@@ -51,8 +51,11 @@ def test_image_encoder_trainable_layers_get_gradients_their_own_lr_and_travel_wi
                                          "visual_projection.")) for k in encoder)
     assert not any(p.requires_grad for p in model.image_encoder.vision_model.embeddings.parameters())
     optimizer = module.configure_optimizers()["optimizer"]
-    assert [g["lr"] for g in optimizer.param_groups] == [cfg.model.optimizer.lr, 3e-6]
-    assert {id(p) for p in optimizer.param_groups[1]["params"]} == {id(p) for p in encoder.values()}
+    lr = cfg.model.optimizer.lr
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert {name: g["lr"] for name, g in groups.items()} == {"experts": lr, "routers": lr, "prompt_encoder": lr,
+                                                             "image_encoder": 3e-6}
+    assert {id(p) for p in groups["image_encoder"]["params"]} == {id(p) for p in encoder.values()}
 
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup()
@@ -83,7 +86,8 @@ def test_frozen_image_encoder_gets_no_gradient_and_stays_out_of_the_moa_weights(
     module = hydra.utils.instantiate(compose_cfg().model)
     assert not module.model.image_encoder_trainable_state_dict()
     assert not any(k.startswith("image_encoder.") for k in module.model.trainable_state_dict())
-    assert len(module.configure_optimizers()["optimizer"].param_groups) == 1
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert [g["name"] for g in groups] == ["experts", "routers", "prompt_encoder"]
 
 
 def test_micro_batches_of_one_accumulated_step_draw_different_noise(compose_cfg):

@@ -8,21 +8,23 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 from transformers import CLIPTokenizer
 
 from moa.data.ffhq import CorruptDataError, FFHQWildDataset, SubjectSource
-from moa.data.transforms import SubjectImageSpec
+from moa.data.stores import open_store
+from moa.data.transforms import SubjectAugmentation, SubjectImageSpec
 from moa.pretrained import check_pretrained_path, tokenizer_source
 from moa.seeding import derived_seed
 
 log = logging.getLogger(__name__)
 
 
-class ResumableStreamSampler(Sampler[int]):
-    """An endless stream of dataset indices: epoch ``e`` is a permutation seeded by ``(seed, e)``,
-    split across DDP ranks. ``start`` skips that many of this rank's samples without drawing them,
-    so a resumed run sees exactly the samples an uninterrupted run would have seen next.
+class ResumableStreamSampler(Sampler[tuple[int, int]]):
+    """An endless stream of (dataset index, draw number): epoch ``e`` is a permutation seeded by
+    ``(seed, e)``, split across DDP ranks. ``start`` skips that many of this rank's samples without
+    drawing them, so a resumed run sees exactly the samples an uninterrupted run would have seen next.
+    The draw number is unique across ranks and seeds each sample's augmentation.
 
     Training is counted in steps (the paper trains 40k iterations), so an endless stream fits, and it
     lets the position be derived from the restored global step alone: no state has to be guessed
@@ -40,10 +42,13 @@ class ResumableStreamSampler(Sampler[int]):
         order = torch.randperm(self.num_samples, generator=generator)[: self.per_rank * self.world_size]
         return order[self.rank:: self.world_size].tolist()
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, offset = divmod(self.start, self.per_rank)
+        position = self.start
         while True:
-            yield from self._epoch(epoch)[offset:]
+            for index in self._epoch(epoch)[offset:]:
+                yield index, position * self.world_size + self.rank
+                position += 1
             epoch, offset = epoch + 1, 0
 
 
@@ -63,6 +68,10 @@ class FFHQWildDataModule(pl.LightningDataModule):
         subject_source: where each subject's image comes from: None for the subject cut from the target
             image (FastComposer's way), or a callable (see ``moa.data.ffhq.SubjectSource``), e.g.
             SynthWorld's ``ReferenceRenders``.
+        augmentation: the subject-image augmentation of the training split (``SubjectAugmentation``), or None.
+        target_flip_p: probability of flipping a training image together with its masks and boxes.
+        val_split: the split of held-out subjects for the validation loss and samples (None: no validation).
+        val_samples: how many of them (the first ones, always the same).
         max_corrupt_fraction: stop the run once more than this share of the samples tried (summed over
             loader workers and ranks, at least ``MIN_TRIED_FOR_THRESHOLD`` of them) had to be skipped.
 
@@ -75,7 +84,8 @@ class FFHQWildDataModule(pl.LightningDataModule):
     def __init__(self, *, root: str, base_model: str, image_encoder: str, resolution: int = 512, batch_size: int = 32,
                  num_workers: int = 2, seed: int = 0, split: str = "train", data_format: str = "folder",
                  max_subjects: int = 4, max_corrupt_fraction: float = 0.05, base_model_config: str | None = None,
-                 subject_source: SubjectSource | None = None):
+                 subject_source: SubjectSource | None = None, augmentation: SubjectAugmentation | None = None,
+                 target_flip_p: float = 0.0, val_split: str | None = "test", val_samples: int = 16):
         super().__init__()
         if not Path(root).is_dir():
             raise FileNotFoundError(f"data.root={root!r}: no such folder (expected FastComposer's FFHQ-wild layout)")
@@ -86,17 +96,36 @@ class FFHQWildDataModule(pl.LightningDataModule):
         self.tokenizer_source = tokenizer_source(base_model, base_model_config)
         self.resolution, self.batch_size, self.num_workers, self.seed = resolution, batch_size, num_workers, seed
         self.split, self.max_subjects, self.max_corrupt_fraction = split, max_subjects, max_corrupt_fraction
+        self.augmentation, self.target_flip_p = augmentation, target_flip_p
+        self.val_split, self.val_samples = val_split, val_samples
         self.dataset: FFHQWildDataset | None = None
+        self.val_dataset: FFHQWildDataset | None = None
         self.samples_skipped = self.samples_tried = 0
+
+    def _dataset(self, split: str, **kwargs) -> FFHQWildDataset:
+        return FFHQWildDataset(
+            self.root, split=split, data_format=self.data_format, resolution=self.resolution,
+            max_subjects=self.max_subjects, subject_source=self.subject_source, seed=self.seed,
+            tokenizer=CLIPTokenizer.from_pretrained(self.tokenizer_source, subfolder="tokenizer"),
+            subject_image_spec=SubjectImageSpec.from_pretrained(self.image_encoder), **kwargs)
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
-            self.dataset = FFHQWildDataset(
-                self.root, split=self.split, data_format=self.data_format, resolution=self.resolution,
-                max_subjects=self.max_subjects, subject_source=self.subject_source,
-                tokenizer=CLIPTokenizer.from_pretrained(self.tokenizer_source, subfolder="tokenizer"),
-                subject_image_spec=SubjectImageSpec.from_pretrained(self.image_encoder),
-            )
+            self.dataset = self._dataset(self.split, augmentation=self.augmentation, target_flip_p=self.target_flip_p)
+        if self.val_dataset is None and self.val_split and self.val_samples > 0:
+            if self.val_split not in open_store(self.root, self.data_format).available_splits():
+                log.warning("data.val_split=%s: %s has no such split, so no validation", self.val_split, self.root)
+                self.val_split = None
+            else:
+                self.val_dataset = self._dataset(self.val_split)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The first ``val_samples`` held-out samples, unaugmented, in a fixed order."""
+        self.setup()
+        if self.val_dataset is None:
+            return []
+        subset = Subset(self.val_dataset, range(min(self.val_samples, len(self.val_dataset))))
+        return DataLoader(subset, batch_size=self.batch_size, shuffle=False, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -27,7 +27,8 @@ from transformers import PreTrainedTokenizerBase
 
 from moa.data.stores import open_store
 from moa.data.subjects import MAX_SUBJECTS, token_positions
-from moa.data.transforms import SubjectImageSpec, image_to_tensor, resize_center_crop, subject_crop
+from moa.data.transforms import SubjectAugmentation, SubjectImageSpec, image_to_tensor, resize_center_crop, subject_crop
+from moa.seeding import derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ class FFHQWildDataset(Dataset):
 
     def __init__(self, root: str | Path, *, tokenizer: PreTrainedTokenizerBase, subject_image_spec: SubjectImageSpec,
                  resolution: int, split: str = "train", data_format: str = "folder", max_subjects: int = MAX_SUBJECTS,
-                 subject_source: SubjectSource | None = None):
+                 subject_source: SubjectSource | None = None, augmentation: SubjectAugmentation | None = None,
+                 target_flip_p: float = 0.0, seed: int = 0):
         self.root = Path(root)
         self.store = open_store(root, data_format)
         if not 1 <= max_subjects <= MAX_SUBJECTS:
@@ -158,16 +160,28 @@ class FFHQWildDataset(Dataset):
         self.spec = subject_image_spec
         self.resolution = resolution
         self.max_subjects = max_subjects
+        self.augmentation = augmentation
+        self.augment = augmentation.transform(subject_image_spec.mean) if augmentation is not None else None
+        self.target_flip_p, self.seed = target_flip_p, seed
         self.skipped: list[str] = []  # ids skipped by this process (each loader worker has its own list)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """``item``: an index (no augmentation), or (index, draw) from ``ResumableStreamSampler``: the
+        draw's number seeds the augmentation, so a resumed run augments exactly as an uninterrupted one."""
+        index, draw = item if isinstance(item, tuple) else (item, None)
         for offset in range(len(self.ids)):
             candidate = (index + offset) % len(self.ids)
             try:
-                return {**self._load(candidate), "skipped": torch.tensor(offset)}
+                if draw is None or (self.augment is None and self.target_flip_p == 0):
+                    sample = self._load(candidate)
+                else:
+                    with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
+                        torch.manual_seed(derived_seed(self.seed, draw))
+                        sample = self._load(candidate, augmented=True)
+                return {**sample, "skipped": torch.tensor(offset)}
             except Exception as error:  # noqa: BLE001 (one bad sample must never stop a run; the totals do)
                 reason = str(error) if isinstance(error, CorruptSampleError) else f"{type(error).__name__}: {error}"
                 self.skipped.append(self.ids[candidate])
@@ -183,7 +197,7 @@ class FFHQWildDataset(Dataset):
                                  truncation=True, return_offsets_mapping=True)
         return torch.tensor(encoded["input_ids"]), encoded["offset_mapping"]
 
-    def _load(self, index: int) -> dict[str, torch.Tensor]:
+    def _load(self, index: int, augmented: bool = False) -> dict[str, torch.Tensor]:
         image_id = self.ids[index]
         raw = read_raw_sample(self.store, image_id)
         input_ids, offsets = self.tokenize(raw.caption)
@@ -196,6 +210,12 @@ class FFHQWildDataset(Dataset):
 
         image = image_to_tensor(raw.image)
         segments = torch.from_numpy(raw.segments.astype(np.int64))
+        augment = self.augment if augmented else None
+        if augmented and torch.rand(()) < self.target_flip_p:  # target image and masks flipped together
+            image, segments = image.flip(-1), segments.flip(-1)
+            width = image.shape[-1]
+            kept = [({**s, "bbox": [width - s["bbox"][2], s["bbox"][1], width - s["bbox"][0], s["bbox"][3]]}, p)
+                    for s, p in kept]
         size, n = self.resolution, self.max_subjects
         subject_pixels = torch.zeros(n, 3, self.spec.size, self.spec.size)
         subject_masks = torch.zeros(n, size, size)
@@ -203,7 +223,8 @@ class FFHQWildDataset(Dataset):
         valid = torch.zeros(n, dtype=torch.bool)
         for slot, (segment, position) in enumerate(kept):
             mask = (segments == int(segment["id"])).float()
-            subject_pixels[slot] = subject_crop(*self.subject_source(self.store, image_id, segment, image, mask), self.spec)
+            subject_pixels[slot] = subject_crop(*self.subject_source(self.store, image_id, segment, image, mask), self.spec,
+                                                augment=augment)
             subject_masks[slot] = resize_center_crop(mask[None], size, "nearest")[0]
             token_index[slot] = position
             valid[slot] = True

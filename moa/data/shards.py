@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moa.data.stores import SHARD_INDEX, SPLIT_FILES, FolderStore
+from moa.data.stores import SHARD_INDEX, FolderStore
 from moa.files import atomic_path, write_text
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def pack_shards(root: str | os.PathLike, out: str | os.PathLike, *, samples_per_
         raise ValueError(f"--samples-per-shard={samples_per_shard!r}: expected a positive number of samples")
     source, out = FolderStore(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = {name: source.split(name) for name, file in SPLIT_FILES.items() if (source.root / file).exists()}
+    splits = {name: source.split(name) for name in source.available_splits()}
     ids = splits["all"]
     members: dict[str, dict[str, list]] = {}
     for first in tqdm(range(0, len(ids), samples_per_shard), desc="packing shards"):

@@ -33,7 +33,8 @@ class FolderStore:
     def read(self, image_id: str, extension: str) -> bytes:
         return (self.root / image_id[:5] / f"{image_id}.{extension}").read_bytes()
 
-
+    def available_splits(self) -> list[str]:
+        return [name for name, file in SPLIT_FILES.items() if (self.root / file).exists()]
 
 
 class ShardStore:
@@ -52,6 +53,9 @@ class ShardStore:
         if split not in self.splits:
             raise ValueError(f"data.split={split!r}: the shards in {self.root} have {sorted(self.splits)}")
         return self.splits[split]
+
+    def available_splits(self) -> list[str]:
+        return list(self.splits)
 
     def read(self, image_id: str, extension: str) -> bytes:
         try:

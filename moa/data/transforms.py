@@ -6,6 +6,7 @@ Kept free of any model code so DataLoader workers import only torch, PIL and tra
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,10 +47,12 @@ def resize_center_crop(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return x[:, top: top + size, left: left + size]
 
 
-def subject_crop(image: torch.Tensor, mask: torch.Tensor, bbox: list[int], spec: SubjectImageSpec) -> torch.Tensor:
+def subject_crop(image: torch.Tensor, mask: torch.Tensor, bbox: list[int], spec: SubjectImageSpec,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The image encoder's input for one subject: its box, background set to the encoder's mean
     colour (FastComposer masks the background out so identity comes from the subject alone), padded
-    to a square and resized. image (3, H, W) in [0, 1], mask (H, W) -> (3, size, size) normalised."""
+    to a square and resized. image (3, H, W) in [0, 1], mask (H, W) -> (3, size, size) normalised.
+    ``augment`` (training only) maps the square (3, size, size) in [0, 1] before normalisation."""
     height, width = mask.shape
     x1, y1, x2, y2 = (int(v) for v in bbox)
     x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, max(x2, x1 + 1)), min(height, max(y2, y1 + 1))
@@ -61,7 +64,48 @@ def subject_crop(image: torch.Tensor, mask: torch.Tensor, bbox: list[int], spec:
     square[:, top: top + crop.shape[1], left: left + crop.shape[2]] = crop
     square = F.interpolate(square[None], size=(spec.size, spec.size), mode="bicubic", antialias=True,
                            align_corners=False)[0].clamp(0, 1)
+    if augment is not None:
+        square = augment(square).clamp(0, 1)
     return (square - mean) / torch.tensor(spec.std)[:, None, None]
+
+
+@dataclass(frozen=True)
+class SubjectAugmentation:
+    """FastComposer's augmentation of the subject image (its ``get_object_transforms``), so the experts
+    cannot learn to copy the target's pose, framing and lighting from the subject crop.
+
+    Each part is applied with its own probability (FastComposer's values by default): zoom in about
+    the centre (1..``max_zoom``), rotation (+-``degrees``), colour jitter (brightness, contrast,
+    saturation, hue), Gaussian blur, greyscale, horizontal flip, elastic warp. Areas uncovered by a
+    rotation or warp are filled with ``fill`` (the encoder's mean colour, the crops' background).
+    Randomness comes from the global generator: callers seed it per sample (``FFHQWildDataset``).
+    """
+
+    zoom_p: float = 0.5
+    max_zoom: float = 2.0
+    rotate_p: float = 0.75
+    degrees: float = 30.0
+    jitter_p: float = 0.5
+    jitter: float = 0.5
+    blur_p: float = 0.5
+    grayscale_p: float = 0.1
+    flip_p: float = 0.5
+    elastic_p: float = 0.5
+
+    def transform(self, fill: tuple[float, float, float]):
+        from torchvision.transforms import v2
+
+        fill = list(fill)
+        jitter = min(self.jitter, 0.5)  # hue accepts at most 0.5
+        return v2.Compose([
+            v2.RandomApply([v2.RandomAffine(degrees=0, scale=(1.0, self.max_zoom), fill=fill)], p=self.zoom_p),
+            v2.RandomApply([v2.RandomAffine(degrees=self.degrees, fill=fill)], p=self.rotate_p),
+            v2.RandomApply([v2.ColorJitter(self.jitter, self.jitter, self.jitter, jitter)], p=self.jitter_p),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=self.blur_p),
+            v2.RandomGrayscale(p=self.grayscale_p),
+            v2.RandomHorizontalFlip(p=self.flip_p),
+            v2.RandomApply([v2.ElasticTransform(fill=fill)], p=self.elastic_p),
+        ])
 
 
 def mask_bbox(mask: torch.Tensor) -> list[int] | None:

@@ -12,11 +12,15 @@ from moa.models.inputs import pixel_map_to_grid
 class MaskedDenoisingLoss(nn.Module):
     """``|| M * (eps - eps_hat) ||^2`` normalised by the mask's area (foreground-only reconstruction).
 
-    prediction, target (batch, channels, h, w); mask (batch, 1, h, w) in [0, 1].
+    prediction, target (batch, channels, h, w); mask (batch, 1, h, w) in [0, 1]; sample_weights
+    (batch,) optional per-sample weights (min-SNR), applied before the same normalisation.
     """
 
-    def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         squared = (prediction.float() - target.float()).pow(2) * mask
+        if sample_weights is not None:
+            squared = squared * sample_weights.float()[:, None, None, None]
         return squared.sum() / (mask.sum() * prediction.shape[1]).clamp(min=1.0)
 
 

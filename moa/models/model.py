@@ -147,6 +147,18 @@ class MoAModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def trainable_parts(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters by part, for per-part learning rates: ``experts`` (copies of the
+        prior's attention, the personalized branch), ``routers`` (new), ``prompt_encoder`` (new) and
+        ``image_encoder`` (its trainable last layers; empty when frozen)."""
+        parts: dict[str, list[nn.Parameter]] = {"experts": [], "routers": [], "prompt_encoder": [], "image_encoder": []}
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            part = next((p for p in ("image_encoder", "prompt_encoder") if name.startswith(p + ".")), None)
+            parts[part or ("routers" if ".router." in name else "experts")].append(parameter)
+        return parts
+
     def image_encoder_trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The image encoder's trained parameters (empty when it is frozen), by their names in it."""
         return {name: p for name, p in self.image_encoder.named_parameters() if p.requires_grad}

@@ -13,6 +13,7 @@ from PIL import Image
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from moa.files import save_image
 from moa.inference.pipeline import MoAPipeline
 from moa.inference.visualize import image_grid, router_map_figure
 
@@ -25,9 +26,11 @@ def _denormalize(pixels: torch.Tensor, mean, std) -> Image.Image:
 
 
 class SampleImagesCallback(pl.Callback):
-    """Every ``every_n_steps`` (and at the end): for the first ``num_samples`` training samples,
-    generate prior-only and personalized images from the same seed, side by side with the subject,
-    plus the router maps of the first one. Only rank 0 generates."""
+    """Every ``every_n_steps`` (and at the end): for the first ``num_samples`` held-out samples (the
+    validation split; the training split when there is none), generate prior-only and personalized
+    images from the same seed, side by side with the subject, then a subject-swap row (the first
+    prompt with the second sample's subjects), plus the router maps of the first one. Drawn with the
+    EMA weights when the module keeps them. Only rank 0 generates."""
 
     def __init__(self, *, every_n_steps: int, out_dir: str, num_samples: int = 2, num_inference_steps: int = 25,
                  guidance_scale: float = 7.5, seed: int = 0):
@@ -48,41 +51,54 @@ class SampleImagesCallback(pl.Callback):
         if step == self._last_step:
             return
         self._last_step = step
-        dataset = trainer.datamodule.dataset
-        pipe = MoAPipeline.from_moa_model(pl_module.model)
-        pipe.set_progress_bar_config(disable=True)
-        spec = pl_module.model.subject_image_spec
-        rows, labels, router = [], [], None
-        for index in range(min(self.num_samples, len(dataset))):
-            sample = dataset[index]
-            prepared = {k: sample[k][None] for k in ("subject_pixel_values", "subject_token_index", "subject_valid")}
-            caption = dataset.caption(int(sample["index"]))
-            outputs = {}
-            for mode, subjects in (("prior", None), ("moa", prepared)):
-                generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + index)
-                outputs[mode] = pipe(caption, prepared_subjects=subjects, num_inference_steps=self.num_inference_steps,
-                                     guidance_scale=self.guidance_scale, generator=[generator],
-                                     record_router_maps=mode == "moa" and index == 0)
-            references = [_denormalize(p, spec.mean, spec.std) for p, v in
-                          zip(sample["subject_pixel_values"], sample["subject_valid"]) if v]
-            rows.append([outputs["prior"].images[0], outputs["moa"].images[0], *references])
-            labels.append(caption[:14])
-            if index == 0 and outputs["moa"].router_maps:  # the no_moa ablation has no router
-                latent = (pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-                router = router_map_figure(outputs["moa"].router_maps, latent_size=latent,
-                                           title=f"prior weight R0, step {step}: {caption}")
+        datamodule = trainer.datamodule
+        dataset = getattr(datamodule, "val_dataset", None) or datamodule.dataset
+        with pl_module.averaged_weights():
+            rows, labels, router = self._draw(pl_module, dataset, step)
         grid = image_grid(rows, labels)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        grid.save(self.out_dir / f"samples_step{step:07d}.png")
+        save_image(grid, self.out_dir / f"samples_step{step:07d}.png")
         if router is not None:
-            router.save(self.out_dir / f"router_maps_step{step:07d}.png")
+            save_image(router, self.out_dir / f"router_maps_step{step:07d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples/prior_vs_moa", [grid], step=step,
-                                 caption=["columns: prior-only | MoA | subject(s)"])
+                                 caption=["columns: prior-only | MoA | subject(s); last row: subject swap"])
                 if router is not None:
                     logger.log_image("samples/router_maps", [router], step=step)
         log.info("wrote samples and router maps for step %d to %s", step, self.out_dir)
+
+    def _draw(self, pl_module, dataset, step: int) -> tuple[list, list[str], Image.Image | None]:
+        pipe = MoAPipeline.from_moa_model(pl_module.model)
+        pipe.set_progress_bar_config(disable=True)
+        spec = pl_module.model.subject_image_spec
+        keys = ("subject_pixel_values", "subject_token_index", "subject_valid")
+        samples = [dataset[index] for index in range(min(self.num_samples, len(dataset)))]
+        requests = [(dataset.caption(int(s["index"])), s, {k: s[k][None] for k in keys}) for s in samples]
+        if len(samples) >= 2:  # the first prompt and token positions, the second sample's subjects
+            first, second = samples[0], samples[1]
+            swapped = {"subject_pixel_values": second["subject_pixel_values"][None],
+                       "subject_token_index": first["subject_token_index"][None],
+                       "subject_valid": (first["subject_valid"] & second["subject_valid"])[None]}
+            requests.append((requests[0][0], second, swapped))
+        rows, labels, router = [], [], None
+        for row, (caption, shown, prepared) in enumerate(requests):
+            is_swap = row == len(samples)
+            outputs = {}
+            for mode, subjects in (("prior", None), ("moa", prepared)):
+                # The swap row repeats the first row's prompt and seed: only the subject differs.
+                generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + (0 if is_swap else row))
+                outputs[mode] = pipe(caption, prepared_subjects=subjects, num_inference_steps=self.num_inference_steps,
+                                     guidance_scale=self.guidance_scale, generator=[generator],
+                                     record_router_maps=mode == "moa" and row == 0)
+            references = [_denormalize(p, spec.mean, spec.std) for p, v in
+                          zip(shown["subject_pixel_values"], prepared["subject_valid"][0]) if v]
+            rows.append([outputs["prior"].images[0], outputs["moa"].images[0], *references])
+            labels.append("swap" if is_swap else caption[:14])
+            if row == 0 and outputs["moa"].router_maps:  # the no_moa ablation has no router
+                latent = (pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+                router = router_map_figure(outputs["moa"].router_maps, latent_size=latent,
+                                           title=f"prior weight R0, step {step}: {caption}")
+        return rows, labels, router
 
 
 class PreemptionCheckpoint(pl.Callback):

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import EMAModel, compute_snr
 
 from moa.data.transforms import empty_caption_ids
 from moa.models.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss
 from moa.models.model import MoAModel
 from moa.models.unet import loss_layer_names
-from moa.seeding import step_generator
+from moa.seeding import derived_seed, step_generator
 
 log = logging.getLogger(__name__)
+
+FROZEN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class MoALitModule(pl.LightningModule):
@@ -34,7 +38,22 @@ class MoALitModule(pl.LightningModule):
         router_loss_reduction: ``"sum_per_image"`` (eq. 9, default) or ``"mean"`` (see ``RouterLoss``).
         image_encoder_lr: learning rate of the image encoder's trainable layers (``net``'s
             ``image_encoder_trainable_layers``); None: the optimizer's rate.
+        lr_scale: per-part multipliers of the optimizer's rate: ``experts`` (start as copies of the
+            prior), ``routers`` and ``prompt_encoder`` (start from scratch); missing parts: 1.
         condition_dropout: probability of dropping text and subjects together (classifier-free guidance).
+        subject_dropout: probability of dropping each subject alone, its word kept in the caption
+            (FastComposer's ``1 - object_appear_prob``). A dropped subject's pixels count as background
+            for the router loss: this is what teaches a router to hand a pixel back to the prior.
+        text_only_dropout: probability of dropping all subjects of a sample, the caption kept.
+        snr_gamma: min-SNR loss weighting (Hang et al. 2023; diffusers' ``--snr_gamma``): each sample's
+            denoising loss is weighted by ``min(SNR, gamma) / SNR`` (``/ (SNR + 1)`` for v-prediction);
+            None: unweighted (the paper).
+        frozen_dtype: ``"bf16"`` or ``"fp16"`` stores the frozen weights (prior U-Net, VAE, text and image
+            encoders) in that dtype, as diffusers' scripts do with ``weight_dtype`` (kohya: ``--full_bf16``
+            for the frozen part): half their memory, no fp32 copies to cast each step. Needs a mixed
+            ``trainer.precision`` (autocast); the trained weights stay fp32. None: fp32.
+        ema_decay: keep an exponential moving average of the trainable weights (diffusers' ``EMAModel``,
+            its warm-up included) and use it for samples, validation and the export; None: off.
         max_timestep: timesteps are drawn from ``[0, max_timestep)`` (paper: 800).
         gradient_checkpointing: recompute U-Net activations in backward (``use_reentrant=False``).
         channels_last: keep the U-Net's convolution activations in channels-last memory format.
@@ -49,7 +68,9 @@ class MoALitModule(pl.LightningModule):
     def __init__(self, *, net: MoAModel, optimizer: Callable, lr_scheduler: Callable | None = None,
                  lambda_router: float = 1e-4, lambda_object: float = 1e-4,
                  router_loss_reduction: str = "sum_per_image", image_encoder_lr: float | None = None,
-                 condition_dropout: float = 0.1,
+                 lr_scale: dict[str, float] | None = None, condition_dropout: float = 0.1,
+                 subject_dropout: float = 0.0, text_only_dropout: float = 0.0, snr_gamma: float | None = None,
+                 ema_decay: float | None = None, frozen_dtype: str | None = None,
                  max_timestep: int = 800, gradient_checkpointing: bool = False, channels_last: bool = False,
                  compile_unet: bool = False, seed: int = 0):
         super().__init__()
@@ -60,12 +81,23 @@ class MoALitModule(pl.LightningModule):
                 raise ValueError(f"model.{name}={weight}: a loss weight must be >= 0")
         self.lambda_router, self.lambda_object = lambda_router, lambda_object
         self.image_encoder_lr = image_encoder_lr
+        self.lr_scale = dict(lr_scale or {})
+        unknown = set(self.lr_scale) - {"experts", "routers", "prompt_encoder"}
+        if unknown:
+            raise ValueError(f"model.lr_scale has {sorted(unknown)}: expected experts, routers, prompt_encoder")
         self.condition_dropout, self.max_timestep, self.seed = condition_dropout, max_timestep, seed
+        self.subject_dropout, self.text_only_dropout, self.snr_gamma = subject_dropout, text_only_dropout, snr_gamma
+        # Not an nn.Module (diffusers' EMAModel): kept out of state_dict, saved in on_save_checkpoint.
+        self.ema = EMAModel(model.trainable_parameters(), decay=ema_decay) if ema_decay is not None else None
+        self._pending_ema_state: dict | None = None
         if not 0 < max_timestep <= model.noise_scheduler.config.num_train_timesteps:
             raise ValueError(f"model.max_timestep={max_timestep}: expected 1..{model.noise_scheduler.config.num_train_timesteps}")
         self.save_hyperparameters({"lambda_router": lambda_router, "router_loss_reduction": router_loss_reduction,
                                    "image_encoder_lr": image_encoder_lr, "lambda_object": lambda_object, "condition_dropout": condition_dropout,
-                                   "max_timestep": max_timestep, "seed": seed})
+                                   "lr_scale": self.lr_scale, "subject_dropout": subject_dropout,
+                                   "text_only_dropout": text_only_dropout, "snr_gamma": snr_gamma,
+                                   "ema_decay": ema_decay, "frozen_dtype": frozen_dtype, "max_timestep": max_timestep,
+                                   "seed": seed})
         self.masked_loss, self.object_loss = MaskedDenoisingLoss(), ObjectLocalizationLoss()
         self.router_loss = RouterLoss(router_loss_reduction)
         self.loss_layers = loss_layer_names(model.unet, model.moa_config)
@@ -76,12 +108,48 @@ class MoALitModule(pl.LightningModule):
             model.unet.to(memory_format=torch.channels_last)
         if compile_unet:
             model.unet.compile()
+        if frozen_dtype is not None:
+            if frozen_dtype not in FROZEN_DTYPES:
+                raise ValueError(f"model.frozen_dtype={frozen_dtype!r}: expected null or one of {sorted(FROZEN_DTYPES)}")
+            for parameter in model.parameters():
+                if not parameter.requires_grad:
+                    parameter.data = parameter.data.to(FROZEN_DTYPES[frozen_dtype])
         self.register_buffer("empty_input_ids", empty_caption_ids(model.tokenizer), persistent=False)
         self.strict_loading = False  # checkpoints hold only the trainable state
 
     def export(self, out_dir: str | os.PathLike) -> Path:
-        """The trained MoA weights as safetensors + JSON (see ``MoAModel.export_moa``)."""
-        return self.model.export_moa(out_dir)
+        """The trained MoA weights (their moving average when ``ema_decay`` is set) as safetensors + JSON
+        (see ``MoAModel.export_moa``)."""
+        with self.averaged_weights():
+            return self.model.export_moa(out_dir)
+
+    # ---- the moving average of the weights -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Within the block the model holds the EMA weights (nothing changes without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        parameters = self.model.trainable_parameters()
+        self.ema.store(parameters)
+        self.ema.copy_to(parameters)
+        try:
+            yield
+        finally:
+            self.ema.restore(parameters)
+
+    def on_train_start(self) -> None:
+        if self.ema is not None:
+            if self._pending_ema_state is not None:
+                self.ema.load_state_dict(self._pending_ema_state)
+                self._pending_ema_state = None
+            self.ema.to(device=self.device)
+
+    def on_before_zero_grad(self, optimizer) -> None:
+        # Called once per optimizer step (after it), whatever the gradient accumulation.
+        if self.ema is not None:
+            self.ema.step(self.model.trainable_parameters())
 
     # ---- frozen parts stay frozen and in eval mode ----------------------------------------------
 
@@ -92,16 +160,20 @@ class MoALitModule(pl.LightningModule):
         return self
 
     def configure_optimizers(self) -> Any:
-        encoder = list(self.model.image_encoder_trainable_state_dict().values())
-        encoder_ids = {id(p) for p in encoder}
-        groups = [{"params": [p for p in self.model.trainable_parameters() if id(p) not in encoder_ids]}]
-        if encoder:
-            groups.append({"params": encoder, **({"lr": self.image_encoder_lr} if self.image_encoder_lr else {})})
+        """One parameter group per trainable part, named so ``LearningRateMonitor`` logs each rate."""
+        parts = {part: parameters for part, parameters in self.model.trainable_parts().items() if parameters}
+        groups = [{"params": parameters, "name": part} for part, parameters in parts.items()]
         optimizer = self.optimizer_factory(groups)
+        base_lr = optimizer.defaults["lr"]
+        for group in optimizer.param_groups:
+            if group["name"] == "image_encoder":
+                group["lr"] = self.image_encoder_lr or base_lr
+            else:
+                group["lr"] = base_lr * self.lr_scale.get(group["name"], 1.0)
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+                "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer=optimizer), "interval": "step"}}
 
     # ---- checkpoints hold the trainable state only ----------------------------------------------
 
@@ -111,12 +183,19 @@ class MoALitModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         missing = self._trainable_keys() - set(checkpoint["state_dict"])
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} MoA weights, e.g. {sorted(missing)[:3]}: "
                            "it was not written by this MoA configuration")
+        if self.ema is not None:
+            if "ema" not in checkpoint:
+                raise KeyError("model.ema_decay is set but the checkpoint holds no moving average: resume with "
+                               "the run's own settings, or start a new run")
+            self._pending_ema_state = checkpoint["ema"]  # loaded at train start, once on the right device
 
     # ---- the step --------------------------------------------------------------------------------
 
@@ -128,21 +207,37 @@ class MoALitModule(pl.LightningModule):
             self.log(f"train/{name}", value, batch_size=batch["pixel_values"].shape[0])
         return losses["loss"]
 
-    def compute_losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Denoising losses on held-out subjects with the same noise and timesteps at every validation
+        (seeded by the batch index alone), no condition dropped, with the EMA weights when kept."""
+        generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, batch_idx))
+        with self.averaged_weights():
+            losses, stats = self.compute_losses(batch, generator, dropout=False)
+        for name, value in {**losses, **stats}.items():
+            self.log(f"val/{name}", value, batch_size=batch["pixel_values"].shape[0], sync_dist=True)
+
+    def compute_losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator, dropout: bool = True
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The training losses of one batch; ``dropout=False`` keeps every condition (validation)."""
         model = self.model
         pixels = batch["pixel_values"]
         batch_size, device = pixels.shape[0], pixels.device
         with torch.no_grad():
             latents = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist.sample(generator)
-            latents = latents * model.vae.config.scaling_factor
+            latents = latents.float() * model.vae.config.scaling_factor  # fp32 even from a bf16/fp16 VAE
             noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
             timesteps = torch.randint(0, self.max_timestep, (batch_size,), generator=generator, device=device)
             noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-            # Classifier-free guidance: drop text and subjects together.
+            # Classifier-free guidance drops text and subjects together; subject and text-only dropout
+            # drop subjects, keeping the caption. Drawn in every step, so the random stream is the same
+            # whatever the probabilities.
             keep = torch.rand(batch_size, generator=generator, device=device) >= self.condition_dropout
+            keep_subject = torch.rand(batch["subject_valid"].shape, generator=generator, device=device) >= self.subject_dropout
+            keep_any = torch.rand(batch_size, generator=generator, device=device) >= self.text_only_dropout
+            if not dropout:
+                keep, keep_subject, keep_any = torch.ones_like(keep), torch.ones_like(keep_subject), torch.ones_like(keep_any)
             input_ids = torch.where(keep[:, None], batch["input_ids"], self.empty_input_ids)
-            subject_valid = batch["subject_valid"] & keep[:, None]
+            subject_valid = batch["subject_valid"] & keep[:, None] & keep_subject & keep_any[:, None]
             text = model.encode_text(input_ids)
         # Outside no_grad only when some image-encoder layers train (model.net.image_encoder_trainable_layers).
         with torch.set_grad_enabled(model.image_encoder_trainable_layers > 0):
@@ -160,17 +255,27 @@ class MoALitModule(pl.LightningModule):
         else:
             target = noise
 
-        masks = batch["subject_masks"] * batch["subject_valid"][..., None, None]
-        foreground = F.interpolate(masks.amax(dim=1, keepdim=True), size=latents.shape[-2:], mode="bilinear",
-                                   antialias=True, align_corners=False)
-        losses = {"masked": self.masked_loss(prediction, target, foreground)}
+        def union(masks: torch.Tensor) -> torch.Tensor:  # (b, subjects, H, W) -> (b, 1, h, w) at latent size
+            return F.interpolate(masks.amax(dim=1, keepdim=True), size=latents.shape[-2:], mode="bilinear",
+                                 antialias=True, align_corners=False)
+
+        # Every annotated person is reconstructed; only the subjects actually given are the router's foreground.
+        foreground = union(batch["subject_masks"] * batch["subject_valid"][..., None, None])
+        masks = batch["subject_masks"] * subject_valid[..., None, None]
+        sample_weights = None
+        if self.snr_gamma is not None:
+            snr = compute_snr(model.noise_scheduler, timesteps)
+            clipped = snr.clamp(max=self.snr_gamma)
+            sample_weights = clipped / (snr + 1 if model.noise_scheduler.config.prediction_type == "v_prediction" else snr)
+        losses = {"masked": self.masked_loss(prediction, target, foreground, sample_weights)}
         stats = {}
         total = losses["masked"]
         if self.use_router:
-            losses["router"], prior_weight = self.router_loss(moa.router_maps, foreground)
+            given = union(masks)
+            losses["router"], prior_weight = self.router_loss(moa.router_maps, given)
             total = total + self.lambda_router * losses["router"]
-            stats["router_prior_weight_foreground"] = (prior_weight * foreground).sum() / foreground.sum().clamp(min=1e-6)
-            stats["router_prior_weight_background"] = (prior_weight * (1 - foreground)).sum() / (1 - foreground).sum().clamp(min=1e-6)
+            stats["router_prior_weight_foreground"] = (prior_weight * given).sum() / given.sum().clamp(min=1e-6)
+            stats["router_prior_weight_background"] = (prior_weight * (1 - given)).sum() / (1 - given).sum().clamp(min=1e-6)
         losses["object"] = self.object_loss(moa.subject_attention, masks, subject_valid)
         total = total + self.lambda_object * losses["object"]
         losses["loss"] = total

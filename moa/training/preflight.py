@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from moa.checks import ConfigError, Range, check_ranges
 from moa.data.stores import SHARD_INDEX, SPLIT_FILES
@@ -62,6 +62,11 @@ def preflight(cfg: DictConfig) -> None:
         return any(b and path.startswith(b) for b in built)
 
     check_ranges(cfg, TRAINING_RANGES)
+    frozen_dtype = OmegaConf.select(cfg, "model.frozen_dtype")
+    precision = str(OmegaConf.select(cfg, "trainer.precision"))
+    if frozen_dtype is not None and not precision.endswith("-mixed"):
+        raise ConfigError(f"model.frozen_dtype={frozen_dtype}: needs a mixed trainer.precision (bf16-mixed or "
+                          f"16-mixed, whose autocast mixes the dtypes), not {precision}")
     if "root" in cfg.data and not is_built(str(cfg.data.root)):
         check_data_root(cfg)
     for option, expect in (("base_model", "a diffusers Stable Diffusion folder or a single-file checkpoint"),
