@@ -14,6 +14,9 @@ Parts:
 - data: samples/second of the training DataModule (folder and shards; 0, 1 and 2 workers) against
   the samples/second one training step of the tiny default consumes.
 - embedded: wall time of ``python train.py``.
+- recipe: what each training-recipe option costs per step of the tiny default (model.subject_dropout,
+  model.snr_gamma, model.ema_decay, model.frozen_dtype=bf16 against fp32 frozen weights, both under
+  bf16 autocast) and per sample (data.augmentation + target flip), side by side in alternating rounds.
 
 Prints a table and writes JSON (ratios in ``*_ratio`` fields); ``moa/bench_results.json`` beside
 this file holds the latest committed run.
@@ -267,6 +270,71 @@ def bench_data(settings: dict, work: Path) -> dict:
     return results
 
 
+RECIPE_OPTIONS = {"subject_dropout": ["model.subject_dropout=0.1"], "snr_gamma": ["model.snr_gamma=5.0"],
+                  "ema": ["model.ema_decay=0.999"]}
+
+
+def bench_recipe(settings: dict, work: Path) -> dict:
+    """Step time of each recipe option against the plain recipe (tiny default, batch 4), and sample
+    time with augmentation against without."""
+    from hydra import compose, initialize_config_dir
+
+    from moa.config import CONFIG_DIR
+    from moa.embedded import ensure_embedded_assets
+
+    components, data_root = work / "tiny-components", work / "synthetic"
+    ensure_embedded_assets(components_dir=str(components), data_root=str(data_root), num_samples=96, image_size=128)
+    base = [f"base_model={components}/stable-diffusion", f"image_encoder={components}/clip", f"data.root={data_root}",
+            "data.num_workers=0", "+data.augmentation._target_=moa.data.transforms.SubjectAugmentation",
+            "data.target_flip_p=0.5"]
+
+    def build(overrides: list[str]):
+        import hydra
+
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[*base, *overrides])
+        torch.manual_seed(0)
+        module = hydra.utils.instantiate(cfg.model)
+        datamodule = hydra.utils.instantiate(cfg.data)
+        datamodule.setup()
+        return module, datamodule
+
+    def stepper(module, batch, autocast: bool):
+        optimizer = module.configure_optimizers()["optimizer"]
+
+        def step():
+            with torch.autocast(settings["device"], dtype=torch.bfloat16, enabled=autocast):
+                loss = module.compute_losses(batch, torch.Generator().manual_seed(0))[0]["loss"]
+            loss.backward()
+            optimizer.step()
+            module.on_before_zero_grad(optimizer)  # the EMA update, where Lightning calls it
+            optimizer.zero_grad()
+        return step
+
+    plain, datamodule = build([])
+    dataset = datamodule.dataset
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+    batch.pop("skipped")
+    runs = {"plain": stepper(plain, batch, autocast=False)}
+    for name, overrides in RECIPE_OPTIONS.items():
+        runs[name] = stepper(build(overrides)[0], batch, autocast=False)
+    runs["plain_bf16_autocast"] = stepper(plain, batch, autocast=True)
+    runs["frozen_bf16_bf16_autocast"] = stepper(build(["model.frozen_dtype=bf16"])[0], batch, autocast=True)
+    for run in runs.values():
+        run()  # warm-up
+    seconds = interleaved_seconds(runs, rounds=5, device=settings["device"])
+    results = {f"{name}_step_seconds": value for name, value in seconds.items()}
+    for name in RECIPE_OPTIONS:
+        results[f"{name}_vs_plain_step_ratio"] = seconds[name] / seconds["plain"]
+    results["frozen_bf16_vs_fp32_under_autocast_step_ratio"] = (seconds["frozen_bf16_bf16_autocast"]
+                                                               / seconds["plain_bf16_autocast"])
+    sample = interleaved_seconds({"plain": lambda: dataset[3], "augmented": lambda: dataset[(3, 7)]}, rounds=30,
+                                 device="cpu")
+    results["augmented_vs_plain_sample_ratio"] = sample["augmented"] / sample["plain"]
+    results["augmented_sample_seconds"] = sample["augmented"]
+    return results
+
+
 def bench_embedded(work: Path) -> dict:
     """Wall time of the embedded default's run (``python train.py``, here as ``python -m moa.training``)."""
     start = time.perf_counter()
@@ -291,7 +359,7 @@ def _table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["train", "sample", "data", "embedded"], nargs="*")
+    parser.add_argument("--only", choices=["train", "sample", "data", "embedded", "recipe"], nargs="*")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON to write")
     parser.add_argument("--train-variant", choices=TRAIN_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -301,7 +369,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(torch.get_num_threads())
-    parts = args.only or ["train", "sample", "data", "embedded"]
+    parts = args.only or ["train", "sample", "data", "embedded", "recipe"]
     results = {"command": "python -m moa.bench" + (f" --only {' '.join(parts)}" if args.only else ""),
                "settings": settings, "machine": {"platform": platform.platform(), "torch": torch.__version__,
                                                   "threads": torch.get_num_threads(),
@@ -315,6 +383,8 @@ def main() -> None:
                 results["sample"] = bench_sample(settings)
             elif part == "data":
                 results["data"] = bench_data(settings, Path(work))
+            elif part == "recipe":
+                results["recipe"] = bench_recipe(settings, Path(work))
             else:
                 results["embedded"] = bench_embedded(Path(work))
             log.info("%s done in %.0fs", part, time.perf_counter() - start)

@@ -1,9 +1,23 @@
-"""Callbacks that tests add through Hydra (`+callbacks.x._target_=tests.helpers...`) to look inside runs."""
+"""Callbacks that tests add through Hydra (`+callbacks.x._target_=tests.helpers...`) to look inside runs,
+and the module + first batch most unit tests of the training step start from."""
 
 from pathlib import Path
 
+import hydra
 import pytorch_lightning as pl
+import torch
 from safetensors.torch import save_file
+
+
+def module_and_batch(compose_cfg, *overrides):
+    """(MoALitModule, a batch of the first 2 training samples, the set-up DataModule) for ``overrides``."""
+    cfg = compose_cfg(*overrides)
+    torch.manual_seed(0)
+    module = hydra.utils.instantiate(cfg.model)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup()
+    batch = next(iter(torch.utils.data.DataLoader(datamodule.dataset, batch_size=2)))
+    return module, batch, datamodule
 
 
 class DumpTrainableWeights(pl.Callback):

@@ -151,6 +151,14 @@ def test_stream_sampler_resumes_at_the_exact_sample_and_shards_ranks():
     rank1 = iter(ResumableStreamSampler(10, seed=1, rank=1, world_size=2))
     epoch0 = [next(rank0) for _ in range(5)] + [next(rank1) for _ in range(5)]
     assert sorted(epoch0) == list(range(10))
+    # Draw numbers (augmentation seeds): the same indices, unique across ranks, continued on resume.
+    drawn = [iter(ResumableStreamSampler(10, seed=1, rank=r, world_size=2, with_draw=True)) for r in (0, 1)]
+    pairs = [next(d) for _ in range(12) for d in drawn]
+    plain = iter(ResumableStreamSampler(10, seed=1, rank=0, world_size=2))
+    assert [index for index, _ in pairs[::2]] == [next(plain) for _ in range(12)]
+    assert len({draw for _, draw in pairs}) == len(pairs)
+    later = iter(ResumableStreamSampler(10, seed=1, rank=1, world_size=2, start=4, with_draw=True))
+    assert next(later) == pairs[9]
 
 
 def test_shards_give_the_same_samples_as_the_folder(make_dataset, synthetic_root, tmp_path):

@@ -3,26 +3,16 @@ validation on held-out subjects, gradient accumulation with exact resume."""
 
 import csv
 
-import hydra
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from moa.training.run import train
-
-
-def _module_and_batch(compose_cfg, *overrides):
-    cfg = compose_cfg(*overrides)
-    torch.manual_seed(0)
-    module = hydra.utils.instantiate(cfg.model)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.setup()
-    batch = next(iter(torch.utils.data.DataLoader(datamodule.dataset, batch_size=2)))
-    return module, batch, datamodule
+from tests.helpers import module_and_batch
 
 
 def test_parts_get_their_own_rates_and_warm_up(compose_cfg):
-    module, _, _ = _module_and_batch(compose_cfg, "model.lr_scale.routers=10", "model.lr_scale.prompt_encoder=3",
+    module, _, _ = module_and_batch(compose_cfg, "model.lr_scale.routers=10", "model.lr_scale.prompt_encoder=3",
                                      "model.lr_scheduler.num_warmup_steps=4")
     configured = module.configure_optimizers()
     optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
@@ -43,12 +33,12 @@ def test_parts_get_their_own_rates_and_warm_up(compose_cfg):
 
 
 def test_dropped_subjects_become_router_background_and_leave_the_object_loss(compose_cfg):
-    module, batch, _ = _module_and_batch(compose_cfg, "model.condition_dropout=0")
+    module, batch, _ = module_and_batch(compose_cfg, "model.condition_dropout=0")
     batch["subject_valid"][:, 0] = True
     _, kept = module.compute_losses(batch, torch.Generator().manual_seed(0))
     assert kept["router_prior_weight_foreground"] > 0
     for option in ("subject_dropout", "text_only_dropout"):
-        module, batch, _ = _module_and_batch(compose_cfg, "model.condition_dropout=0", f"model.{option}=1")
+        module, batch, _ = module_and_batch(compose_cfg, "model.condition_dropout=0", f"model.{option}=1")
         losses, stats = module.compute_losses(batch, torch.Generator().manual_seed(0))
         assert stats["router_prior_weight_foreground"] == 0, f"{option}: a dropped subject still counts as foreground"
         assert losses["object"] == 0
@@ -58,7 +48,7 @@ def test_dropped_subjects_become_router_background_and_leave_the_object_loss(com
 
 
 def test_min_snr_weighting_reweights_by_timestep_and_is_exact_at_infinite_gamma(compose_cfg):
-    module, batch, _ = _module_and_batch(compose_cfg)
+    module, batch, _ = module_and_batch(compose_cfg)
     plain, _ = module.compute_losses(batch, torch.Generator().manual_seed(0))
     module.snr_gamma = 1e12
     unclipped, _ = module.compute_losses(batch, torch.Generator().manual_seed(0))
@@ -70,8 +60,8 @@ def test_min_snr_weighting_reweights_by_timestep_and_is_exact_at_infinite_gamma(
 
 def test_augmentation_is_seeded_by_the_draw_and_flips_image_and_masks_together(compose_cfg):
     # At the images' own size (96), so no resizing (nearest is not mirror-symmetric) blurs the comparison.
-    _, _, plain = _module_and_batch(compose_cfg, "data.resolution=96")
-    _, _, augmented = _module_and_batch(compose_cfg, "data.resolution=96", "data.target_flip_p=1.0",
+    _, _, plain = module_and_batch(compose_cfg, "data.resolution=96")
+    _, _, augmented = module_and_batch(compose_cfg, "data.resolution=96", "data.target_flip_p=1.0",
                                         "+data.augmentation._target_=moa.data.transforms.SubjectAugmentation")
     original, dataset = plain.dataset[0], augmented.dataset
     assert torch.equal(dataset[0]["subject_pixel_values"], original["subject_pixel_values"]), "plain index: no augmentation"
@@ -125,7 +115,7 @@ def test_validation_on_held_out_subjects_is_logged_and_repeatable(compose_cfg, t
 def test_frozen_weights_in_bf16_give_the_same_losses_within_bf16_tolerance(compose_cfg):
     losses = {}
     for dtype in (None, "bf16"):
-        module, batch, _ = _module_and_batch(compose_cfg, f"model.frozen_dtype={dtype or 'null'}")
+        module, batch, _ = module_and_batch(compose_cfg, f"model.frozen_dtype={dtype or 'null'}")
         frozen = [p for p in module.model.parameters() if not p.requires_grad]
         trainable = module.model.trainable_parameters()
         assert {p.dtype for p in frozen} == {torch.bfloat16 if dtype else torch.float32}

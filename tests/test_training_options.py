@@ -4,14 +4,11 @@ import hydra
 import pytest
 import torch
 
+from tests.helpers import module_and_batch
+
 
 def _loss_and_grads(compose_cfg, *overrides):
-    cfg = compose_cfg(*overrides)
-    torch.manual_seed(0)
-    module = hydra.utils.instantiate(cfg.model)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.setup()
-    batch = next(iter(torch.utils.data.DataLoader(datamodule.dataset, batch_size=2)))
+    module, batch, _ = module_and_batch(compose_cfg, *overrides)
     with torch.no_grad():  # move the experts away from the prior so every gradient is non-trivial
         for p in module.model.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
@@ -104,7 +101,7 @@ def test_micro_batches_of_one_accumulated_step_draw_different_noise(compose_cfg)
             pl_module.model.unet.register_forward_pre_hook(
                 lambda unet, args: calls.append((args[0].detach().clone(), args[1].detach().clone())))
 
-    trainer = pl.Trainer(max_steps=1, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+    trainer = pl.Trainer(max_steps=1, accumulate_grad_batches=2, accelerator="cpu", logger=False, limit_val_batches=0,
                          enable_checkpointing=False, enable_progress_bar=False, callbacks=[RecordUNetInputs()])
     trainer.fit(module, datamodule=hydra.utils.instantiate(cfg.data))
     assert trainer.global_step == 1 and len(calls) == 2

@@ -20,19 +20,22 @@ from moa.seeding import derived_seed
 log = logging.getLogger(__name__)
 
 
-class ResumableStreamSampler(Sampler[tuple[int, int]]):
-    """An endless stream of (dataset index, draw number): epoch ``e`` is a permutation seeded by
-    ``(seed, e)``, split across DDP ranks. ``start`` skips that many of this rank's samples without
-    drawing them, so a resumed run sees exactly the samples an uninterrupted run would have seen next.
-    The draw number is unique across ranks and seeds each sample's augmentation.
+class ResumableStreamSampler(Sampler):
+    """An endless stream of dataset indices: epoch ``e`` is a permutation seeded by ``(seed, e)``,
+    split across DDP ranks. ``start`` skips that many of this rank's samples without drawing them,
+    so a resumed run sees exactly the samples an uninterrupted run would have seen next.
+    ``with_draw``: yield (index, draw number) instead, the draw number unique across ranks and
+    positions, to seed each sample's augmentation.
 
     Training is counted in steps (the paper trains 40k iterations), so an endless stream fits, and it
     lets the position be derived from the restored global step alone: no state has to be guessed
     around Lightning's batch prefetching.
     """
 
-    def __init__(self, num_samples: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+    def __init__(self, num_samples: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0,
+                 with_draw: bool = False):
         self.num_samples, self.seed, self.rank, self.world_size, self.start = num_samples, seed, rank, world_size, start
+        self.with_draw = with_draw
         self.per_rank = num_samples // world_size
         if self.per_rank == 0:
             raise ValueError(f"{num_samples} samples cannot be split across {world_size} ranks")
@@ -42,12 +45,12 @@ class ResumableStreamSampler(Sampler[tuple[int, int]]):
         order = torch.randperm(self.num_samples, generator=generator)[: self.per_rank * self.world_size]
         return order[self.rank:: self.world_size].tolist()
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
         epoch, offset = divmod(self.start, self.per_rank)
         position = self.start
         while True:
             for index in self._epoch(epoch)[offset:]:
-                yield index, position * self.world_size + self.rank
+                yield (index, position * self.world_size + self.rank) if self.with_draw else index
                 position += 1
             epoch, offset = epoch + 1, 0
 
@@ -136,7 +139,8 @@ class FFHQWildDataModule(pl.LightningDataModule):
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches * self.batch_size
         if start:
             log.info("resuming the data stream at sample %d of rank %d", start, rank)
-        sampler = ResumableStreamSampler(len(self.dataset), seed=self.seed, rank=rank, world_size=world, start=start)
+        sampler = ResumableStreamSampler(len(self.dataset), seed=self.seed, rank=rank, world_size=world, start=start,
+                                         with_draw=True)
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
                           drop_last=True)
