@@ -35,3 +35,36 @@ def tokenizer_source(base_model: str | os.PathLike, base_model_config: str | Non
     if is_single_file(base_model):
         return base_model_config or DEFAULT_SINGLE_FILE_CONFIG
     return str(base_model)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP byte-level BPE: one printable unicode character per byte value, in CLIP's vocabulary
+    order: the bytes that are printable characters themselves first, then the others, shifted to 256+."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+
+
+CLIP_VOCAB_SIZE = 49408  # 256 bytes x 2 (plain and word-final) + 48894 merges + 2 special tokens
+
+
+def clip_tokenizer_files(bpe_vocab_gz: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of OpenAI CLIP's tokenizer (what ``CLIPTokenizer`` reads)
+    from the BPE merge list CLIP ships, ``bpe_simple_vocab_16e6.txt.gz`` (also inside the open-clip-torch
+    wheel), so the real tokenizer can be built offline. Token order is CLIP's: the byte symbols, the same
+    with ``</w>``, one token per merge, then ``<|startoftext|>``, ``<|endoftext|>``."""
+    import gzip
+    import json
+
+    lines = gzip.open(bpe_vocab_gz, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1: CLIP_VOCAB_SIZE - 512 - 2 + 1]]
+    symbols = _byte_symbols()
+    vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges),
+             "<|startoftext|>", "<|endoftext|>"]
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise ValueError(f"{bpe_vocab_gz}: {len(vocab)} tokens, expected CLIP's {CLIP_VOCAB_SIZE}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return out

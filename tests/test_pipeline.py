@@ -273,3 +273,29 @@ def test_moving_the_pipeline_moves_the_prompt_encoder_too(tiny_dir, faces):
     assert next(model.prompt_encoder.parameters()).dtype == torch.float64
     out = pipe("a man in a park", [Subject(faces[0], "man")], num_inference_steps=2, output_type="np")
     assert np.isfinite(_np(out)).all()
+
+
+def test_an_ldm_single_file_base_model_loads_to_the_same_model_as_its_folder(tiny_dir, tmp_path, compose_cfg):
+    from moa.models.model import load_base_components
+    from tests.ldm_format import write_ldm_checkpoint
+
+    single_file = write_ldm_checkpoint(tiny_dir / "stable-diffusion", tmp_path / "tiny-ldm.safetensors")
+    folder = load_base_components(tiny_dir / "stable-diffusion")
+    loaded = load_base_components(single_file, base_model_config=str(tiny_dir / "stable-diffusion"))
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = folder[part].state_dict(), loaded[part].state_dict()
+        assert a.keys() == b.keys(), part
+        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        assert worst == 0.0, f"{part}: weights differ by {worst}"
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 64, generator=g)
+    with torch.no_grad():
+        outputs = [c["unet"](latents, 10, text).sample for c in (folder, loaded)]
+    assert torch.equal(outputs[0], outputs[1])
+    assert loaded["tokenizer"]("a man").input_ids == folder["tokenizer"]("a man").input_ids
+    # and the training command takes it the way moa_sd15 takes a community checkpoint
+    from moa.training.run import train
+
+    metrics, _ = train(compose_cfg(f"base_model={single_file}", f"base_model_config={tiny_dir / 'stable-diffusion'}",
+                                   "trainer.max_steps=1", "callbacks=none", "export_dir=null", out=tmp_path / "run"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))

@@ -53,3 +53,35 @@ def test_word_beyond_the_tokenizer_length_is_reported_not_misbound(tokenizer):
     prompt = "a dog " * 60 + "and a man"
     positions, _ = _bind(tokenizer, prompt, ["man"])
     assert positions == [None]
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer(tmp_path_factory):
+    """OpenAI CLIP's real tokenizer, built offline from the BPE vocabulary the open-clip-torch wheel ships."""
+    from pathlib import Path
+
+    import open_clip
+
+    from moa.pretrained import clip_tokenizer_files
+
+    files = clip_tokenizer_files(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz",
+                                 tmp_path_factory.mktemp("clip-tokenizer"))
+    return CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"))
+
+
+def test_the_real_clip_tokenizer_matches_open_clip_and_binds_subjects_in_real_captions(clip_tokenizer):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    assert clip_tokenizer("a man").input_ids == [49406, 320, 786, 49407]
+    reference = SimpleTokenizer()
+    captions = [  # FFHQ-wild-style BLIP-2 captions, and the protocol's kind of prompt
+        "a woman in a red dress and a man in a suit standing on a beach",
+        "a man wearing sunglasses holding a skateboard, café in Zürich",
+        "a photo of a firefighter and a woman playing chess",
+    ]
+    for caption in captions:
+        assert clip_tokenizer(caption).input_ids[1:-1] == reference.encode(caption), caption
+    positions, tokens = _bind(clip_tokenizer, captions[0], ["woman", "man"])
+    assert [tokens[p] for p in positions] == ["woman</w>", "man</w>"]
+    positions, tokens = _bind(clip_tokenizer, captions[2], ["firefighter", "woman"])
+    assert [tokens[p] for p in positions] == ["firefighter</w>", "woman</w>"]
