@@ -205,10 +205,17 @@ def test_router_and_attention_maps_are_reported_and_drawn(pipe, faces):
     first = next(iter(out.router_maps.values()))
     assert first.shape == (STEPS, 1, 256)
     assert next(iter(out.attention_maps.values())).shape[-1] == 2
-    figure = router_map_figure(out.router_maps, latent_size=(16, 16))
+    figure = router_map_figure(out.images[0], out.router_maps, latent_size=(16, 16))
     assert figure.size[0] > 100 and figure.size[1] > 100
-    attention = subject_attention_figure(out.attention_maps, subject=1, latent_size=(16, 16))
+    attention = subject_attention_figure(out.images[0], out.attention_maps, subject=1, latent_size=(16, 16))
     assert attention.size[1] > 100
+    # the maps are laid over the image: a figure over a black and over a white image differ in the cells
+    black, white = (router_map_figure(Image.new("RGB", out.images[0].size, c), out.router_maps, latent_size=(16, 16),
+                                      layers=list(out.router_maps)[:2], max_columns=2) for c in ("black", "white"))
+    difference = (np.asarray(black, dtype=float) - np.asarray(white, dtype=float)).mean()
+    assert difference < -20, f"the overlay does not show the image through (mean difference {difference:.1f})"
+    with pytest.raises(KeyError, match="no maps recorded"):
+        router_map_figure(out.images[0], out.router_maps, latent_size=(16, 16), layers=["not.a.layer"])
 
 
 def test_clear_errors_before_generation(pipe, faces, tmp_path, tiny_dir):

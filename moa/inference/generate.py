@@ -80,7 +80,8 @@ def generate(cfg: DictConfig) -> list[dict]:
         save_image(output.images[0], out_dir / f"{name}.png")
         if output.router_maps:
             latent = output.images[0].height // pipe.vae_scale_factor, output.images[0].width // pipe.vae_scale_factor
-            save_image(router_map_figure(output.router_maps, latent_size=latent, title=request["prompt"]),
+            save_image(router_map_figure(output.images[0], output.router_maps, latent_size=latent,
+                                         title=request["prompt"]),
                        out_dir / f"{name}_router_maps.png")
         records.append({"image": f"{name}.png", "prompt": request["prompt"], "seed": int(request["seed"]),
                         "subjects": [{"image": str(s.image), "word": s.word, "sha256": file_digest(s.image)}

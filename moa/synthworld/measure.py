@@ -102,7 +102,7 @@ def generate_subjects(pipe, subjects, contexts, seeds, cfg) -> tuple[dict, dict]
         subject_lists = [[Subject(s.reference, word, mask=_load_mask(s.reference_mask))] for s in people]
         batch, maps = _generate(pipe, [caption] * len(people), subject_lists, seed, cfg, record=not router)
         if not router:
-            router = {"maps": maps, "caption": caption}
+            router = {"maps": maps, "caption": caption, "image": batch[0]}
         for i, image in enumerate(batch):
             images[(word, i, c, seed)] = image
     return images, router

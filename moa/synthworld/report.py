@@ -33,7 +33,7 @@ def write_figures(out: Path, variant: str, images: dict, subjects, contexts, see
     image_grid(rows, labels, min_size=96).save(out / f"fig7_{variant}.png")
     router = images["router"]
     if router and router["maps"]:
-        router_map_figure(router["maps"], latent_size=(IMAGE_SIZE // vae_scale,) * 2,
+        router_map_figure(pil(router["image"]), router["maps"], latent_size=(IMAGE_SIZE // vae_scale,) * 2,
                           title=f"{variant}: {router['caption']}").save(out / f"router_maps_{variant}.png")
 
 

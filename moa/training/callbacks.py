@@ -93,11 +93,11 @@ class SampleImagesCallback(pl.Callback):
             references = [_denormalize(p, spec.mean, spec.std) for p, v in
                           zip(shown["subject_pixel_values"], prepared["subject_valid"][0]) if v]
             rows.append([outputs["prior"].images[0], outputs["moa"].images[0], *references])
-            labels.append("swap" if is_swap else caption[:14])
+            labels.append(f"swap: {caption}" if is_swap else caption)
             if row == 0 and outputs["moa"].router_maps:  # the no_moa ablation has no router
                 latent = (pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-                router = router_map_figure(outputs["moa"].router_maps, latent_size=latent,
-                                           title=f"prior weight R0, step {step}: {caption}")
+                router = router_map_figure(outputs["moa"].images[0], outputs["moa"].router_maps, latent_size=latent,
+                                           title=f"training step {step}: {caption}")
         return rows, labels, router
 
 
