@@ -17,7 +17,7 @@ LAYERS = [
     ("moa.training",),
     ("moa.evaluation",),
     ("moa.synthworld",),
-    ("moa.tiny", "moa.embedded", "moa.bench"),
+    ("moa.tiny", "moa.embedded", "moa.bench", "moa.demo"),
 ]
 # Re-exports kept for the public API (``from moa import MoAPipeline``, ``moa.pipeline.Subject``).
 REEXPORTS = {"moa", "moa.pipeline"}

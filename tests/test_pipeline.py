@@ -306,3 +306,21 @@ def test_an_ldm_single_file_base_model_loads_to_the_same_model_as_its_folder(tin
     metrics, _ = train(compose_cfg(f"base_model={single_file}", f"base_model_config={tiny_dir / 'stable-diffusion'}",
                                    "trainer.max_steps=1", "callbacks=none", "export_dir=null", out=tmp_path / "run"))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_demo_turns_bad_input_into_a_message_and_finds_no_run_clearly(pipe, faces, tmp_path):
+    from moa.checks import ConfigError
+    from moa.demo import Demo, newest_run_weights
+
+    demo = Demo(pipe, num_inference_steps=STEPS, guidance_scale=5.0, layers_shown=2)
+    face = Image.open(faces[0])
+    empty = [None, "", None] * 3
+    cases = {"has no image": [None, "man", None], "give the word": [face, "", None],
+             "occurs 0 time": [face, "woman", None]}
+    for expected, first in cases.items():
+        *images, message = demo.generate("a man on a horse", 0, STEPS, 5.0, *first, *empty)
+        assert images == [None, None, None] and expected in message, message
+    prior, moa, overlay, message = demo.generate("a man on a horse", 0, STEPS, 5.0, face, "man", None, *empty)
+    assert message == "" and prior.size == moa.size and overlay.size[0] > moa.size[0]
+    with pytest.raises(ConfigError, match="run `python train.py` first"):
+        newest_run_weights(tmp_path / "no-runs")

@@ -67,7 +67,8 @@ def subject_attention_figure(image: Image.Image, attention_maps: dict[str, torch
 
 def _spread(count: int, limit: int) -> list[int]:
     """Up to ``limit`` indices spread evenly over ``range(count)``, first and last included."""
-    return sorted({round(i * (count - 1) / max(1, limit - 1)) for i in range(min(count, limit))})
+    shown = min(count, limit)
+    return sorted({round(i * (count - 1) / max(1, shown - 1)) for i in range(shown)})
 
 
 def overlay_figure(image: Image.Image, maps: dict[str, torch.Tensor], *, latent_size: tuple[int, int],
