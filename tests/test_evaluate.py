@@ -34,7 +34,7 @@ def test_evaluate_on_a_trained_checkpoint_and_resume(compose_cfg, tmp_path):
     assert results["images"] == 2 * 4 * 2
     images = sorted((tmp_path / "eval" / "images").rglob("*_seed*.png"))
     assert len([p for p in images if "region" not in p.name]) == 2 * 4 * 2 + 4 * 2  # subjects + prior-only ("man")
-    assert len(list((tmp_path / "eval" / "grids").glob("*.png"))) == 2
+    assert len(list((tmp_path / "eval" / "grids").glob("*.png"))) == 2 * 2  # a grid and a router overlay each
     # resumable: a second run generates nothing again
     stamps = {p: os.stat(p).st_mtime_ns for p in images}
     assert evaluate(cfg) == metrics

@@ -89,6 +89,7 @@ def generate_grid(cfg: DictConfig, pipe, protocol, subjects: list[str], prompts:
 
     from moa.evaluation.metrics import subject_region
     from moa.inference.pipeline import Subject
+    from moa.inference.visualize import router_map_figure
 
     remove_partials(out_dir / "images", recursive=True)
     jobs = [(s, i, t) for s in subjects for i, t in prompts]
@@ -115,6 +116,11 @@ def generate_grid(cfg: DictConfig, pipe, protocol, subjects: list[str], prompts:
                 region = subject_region(maps or None, image_size=(image.height, image.width), face_boxes=boxes)
                 save_image(Image.fromarray((region[0, 0].numpy() * 255).astype("uint8")), region_path(path))
             save_image(image, path)  # the image last, so a present image means its region is there too
+        if subject != "prior" and index == prompts[0][0] and output.router_maps:
+            # Fig. 6 for each subject's first prompt and seed, beside its grid
+            latent = (output.images[0].height // pipe.vae_scale_factor, output.images[0].width // pipe.vae_scale_factor)
+            save_image(router_map_figure(output.images[0], output.router_maps, latent_size=latent, title=prompt),
+                       out_dir / "grids" / f"{subject}_router_maps.png")
 
 
 def region_path(image_path: Path) -> Path:
