@@ -307,7 +307,8 @@ def bench_recipe(settings: dict, work: Path) -> dict:
                 loss = module.compute_losses(batch, torch.Generator().manual_seed(0))[0]["loss"]
             loss.backward()
             optimizer.step()
-            module.on_before_zero_grad(optimizer)  # the EMA update, where Lightning calls it
+            if module.ema is not None:  # what MoALitModule.optimizer_step adds after the step
+                module.ema.step(module.model.trainable_parameters())
             optimizer.zero_grad()
         return step
 

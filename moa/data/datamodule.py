@@ -148,7 +148,7 @@ class FFHQWildDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
         """Add this batch's skips, summed over ranks, to the run's totals; log them; stop past the threshold."""
         skipped = batch.pop("skipped", None)
-        if skipped is None or self.trainer is None:
+        if skipped is None or self.trainer is None or not self.trainer.training:  # validation: not counted
             return batch
         counts = torch.stack([skipped.sum(), torch.tensor(skipped.numel(), device=skipped.device)]).float()
         counts = self.trainer.strategy.reduce(counts, reduce_op="sum")

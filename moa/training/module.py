@@ -146,8 +146,9 @@ class MoALitModule(pl.LightningModule):
                 self._pending_ema_state = None
             self.ema.to(device=self.device)
 
-    def on_before_zero_grad(self, optimizer) -> None:
-        # Called once per optimizer step (after it), whatever the gradient accumulation.
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Lightning's optimizer step (once per accumulated step), then the moving average takes it in."""
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.step(self.model.trainable_parameters())
 
