@@ -95,6 +95,10 @@ def test_ema_is_exported_and_resumes_exactly_with_accumulation(compose_cfg, tmp_
     with a.averaged_weights():
         averaged = _trainable(a)
     assert all(torch.equal(exported[k], averaged[k]) for k in exported), "the export must hold the EMA weights"
+    from moa.training.checkpoints import model_from_checkpoint
+
+    evaluated = model_from_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt").trainable_state_dict()
+    assert all(torch.equal(evaluated[k], averaged[k]) for k in exported), "evaluation must see the EMA weights too"
     assert any(not torch.equal(exported[k], raw[k]) for k in exported), "EMA equal to the raw weights: no averaging"
 
 

@@ -83,7 +83,8 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
 
 def model_from_checkpoint(ckpt_path: str | os.PathLike) -> MoAModel:
     """Rebuild the model from a Lightning checkpoint written by ``train.py``: the base model and MoA
-    settings come from the run configuration stored in it, the weights from its state dict."""
+    settings come from the run configuration stored in it, the weights from its state dict (their
+    moving average when the run kept one, as its export does)."""
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -103,4 +104,9 @@ def model_from_checkpoint(ckpt_path: str | os.PathLike) -> MoAModel:
         raise MoALayoutError(f"ckpt_path={str(ckpt_path)!r}: {len(missing)} MoA weights missing (e.g. "
                              f"{sorted(missing)[:2]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})")
     model.load_state_dict(state, strict=False)
+    if checkpoint.get("ema"):  # a run with model.ema_decay: its moving average is what it exports and samples
+        with torch.no_grad():
+            for parameter, average in zip(model.trainable_parameters(), checkpoint["ema"]["shadow_params"], strict=True):
+                parameter.copy_(average)
+        log.info("%s: using the moving average of the weights (model.ema_decay)", ckpt_path)
     return model
