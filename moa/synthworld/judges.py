@@ -28,6 +28,7 @@ from torch import nn
 from moa.data.ffhq import read_raw_sample
 from moa.data.stores import FolderStore
 from moa.data.transforms import image_to_tensor, mask_bbox
+from moa.files import atomic_path, write_text
 from moa.seeding import derived_seed
 from moa.synthworld.world import (
     BACKGROUNDS,
@@ -230,10 +231,9 @@ class Judges(nn.Module):
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        staging = folder / f".{JUDGES_FILE}.tmp"
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(staging))
-        staging.replace(folder / JUDGES_FILE)
-        (folder / JUDGES_CONFIG).write_text(json.dumps({"attributes": ATTRIBUTES, "context": CONTEXT}, indent=2) + "\n")
+        with atomic_path(folder / JUDGES_FILE) as staging:
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(staging))
+        write_text(folder / JUDGES_CONFIG, json.dumps({"attributes": ATTRIBUTES, "context": CONTEXT}, indent=2) + "\n")
         return folder
 
     @classmethod

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from moa.files import save_image, write_text
 from moa.inference.visualize import image_grid, router_map_figure
 from moa.synthworld.judges import IDENTITY_ATTRIBUTES
 from moa.synthworld.world import IMAGE_SIZE
@@ -30,11 +31,11 @@ def write_figures(out: Path, variant: str, images: dict, subjects, contexts, see
             reference = Image.open(person.reference).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
             rows.append([reference] + [pil(images["subject"][(word, i, c, s)]) for c, s in columns])
             labels.append(f"{word} {person.image_id}")
-    image_grid(rows, labels, min_size=96).save(out / f"fig7_{variant}.png")
+    save_image(image_grid(rows, labels, min_size=96), out / f"fig7_{variant}.png")
     router = images["router"]
     if router and router["maps"]:
-        router_map_figure(pil(router["image"]), router["maps"], latent_size=(IMAGE_SIZE // vae_scale,) * 2,
-                          title=f"{variant}: {router['caption']}").save(out / f"router_maps_{variant}.png")
+        save_image(router_map_figure(pil(router["image"]), router["maps"], latent_size=(IMAGE_SIZE // vae_scale,) * 2,
+                                     title=f"{variant}: {router['caption']}"), out / f"router_maps_{variant}.png")
 
 
 def accuracy_gap(a: float, n_a: int, b: float, n_b: int) -> tuple[float, float]:
@@ -108,7 +109,7 @@ def _yes(holds: bool) -> str:
 
 
 def write_report(out: Path, results: dict, timings: dict) -> None:
-    (out / "results.json").write_text(json.dumps({**results, "timings_seconds": timings}, indent=2) + "\n")
+    write_text(out / "results.json", json.dumps({**results, "timings_seconds": timings}, indent=2) + "\n")
     lines = ["# SynthWorld results", "", "| claim | measured | target | holds |", "| --- | --- | --- | --- |"]
     lines += [f"| {c} | {m} | {t} | {h} |" for c, m, t, h in claims(results)]
     lines += ["", "## Per variant", "",
@@ -161,7 +162,7 @@ def write_report(out: Path, results: dict, timings: dict) -> None:
     lines += ["", "Figures: `fig7_<variant>.png` (first row per word: prior-only; then each test subject, its "
               "reference image at the left, same prompts and seeds), `router_maps_<variant>.png`, "
               "`router_separation.png` (router prior weight on background and subject pixels over training)."]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "results.md", "\n".join(lines) + "\n")
     write_router_curves(out / "router_separation.png", results)
 
 

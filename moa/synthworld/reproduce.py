@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from moa.checks import ConfigError, exit_on_config_error
 from moa.config import CONFIG_DIR, asset
+from moa.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Timings:
 
     def record(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = round(seconds, 1)
-        self.path.write_text(json.dumps(self.seconds, indent=2) + "\n")
+        write_text(self.path, json.dumps(self.seconds, indent=2) + "\n")
 
 
 def run_stage(stage: str, overrides: list[str], done: Path, timings: Timings) -> None:
