@@ -24,6 +24,13 @@ from moa.config import CONFIG_DIR
 log = logging.getLogger(__name__)
 
 MAX_DEMO_SUBJECTS = 4
+DISPLAY_SIZE = 256  # small models' images (64 px) are enlarged to this, pixel for pixel, to be seen
+
+
+def for_display(image: Image.Image) -> Image.Image:
+    """``image`` enlarged by a whole factor (nearest neighbour) to at least ``DISPLAY_SIZE`` pixels."""
+    factor = -(-DISPLAY_SIZE // min(image.size))
+    return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 def newest_run_weights(runs_dir: str | Path) -> Path:
@@ -89,7 +96,7 @@ class Demo:
             latent = (moa.images[0].height // self.pipe.vae_scale_factor, moa.images[0].width // self.pipe.vae_scale_factor)
             overlay = (router_map_figure(moa.images[0], moa.router_maps, latent_size=latent, max_rows=self.layers_shown,
                                          title=prompt) if moa.router_maps else None)
-            return prior, moa.images[0], overlay, ""
+            return for_display(prior), for_display(moa.images[0]), overlay, ""
         except self.USER_ERRORS as error:
             return None, None, None, f"**Cannot generate:** {error}"
 
@@ -103,7 +110,7 @@ class Demo:
                 raise ValueError("give exactly two subjects, A and B, each with its word in the prompt")
             outputs = subject_swap(self.pipe, prompt, [[subjects[0]], [subjects[1]]], seed=int(seed),
                                    num_inference_steps=int(steps), guidance_scale=float(guidance))
-            return outputs[0].images[0], outputs[1].images[0], ""
+            return for_display(outputs[0].images[0]), for_display(outputs[1].images[0]), ""
         except self.USER_ERRORS as error:
             return None, None, f"**Cannot swap:** {error}"
 
@@ -118,7 +125,7 @@ class Demo:
             alphas = [i / max(1, int(frames) - 1) for i in range(int(frames))]
             outputs = morph(self.pipe, prompt, subjects[0], subjects[1], alphas, seed=int(seed),
                             num_inference_steps=int(steps), guidance_scale=float(guidance))
-            return [(o.images[0], f"alpha {a:.2f}") for o, a in zip(outputs, alphas)], ""
+            return [(for_display(o.images[0]), f"alpha {a:.2f}") for o, a in zip(outputs, alphas)], ""
         except self.USER_ERRORS as error:
             return [], f"**Cannot morph:** {error}"
 

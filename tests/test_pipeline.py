@@ -322,5 +322,6 @@ def test_demo_turns_bad_input_into_a_message_and_finds_no_run_clearly(pipe, face
         assert images == [None, None, None] and expected in message, message
     prior, moa, overlay, message = demo.generate("a man on a horse", 0, STEPS, 5.0, face, "man", None, *empty)
     assert message == "" and prior.size == moa.size and overlay.size[0] > moa.size[0]
+    assert min(moa.size) >= 256, "small images are enlarged for the page"
     with pytest.raises(ConfigError, match="run `python train.py` first"):
         newest_run_weights(tmp_path / "no-runs")
