@@ -160,7 +160,6 @@ class FFHQWildDataset(Dataset):
         self.spec = subject_image_spec
         self.resolution = resolution
         self.max_subjects = max_subjects
-        self.augmentation = augmentation
         self.augment = augmentation.transform(subject_image_spec.mean) if augmentation is not None else None
         self.target_flip_p, self.seed = target_flip_p, seed
         self.skipped: list[str] = []  # ids skipped by this process (each loader worker has its own list)
