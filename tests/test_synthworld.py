@@ -82,6 +82,10 @@ def test_the_whole_reproduction_runs_end_to_end_and_resumes(tmp_path):
     for variant in results["variants"].values():
         assert 0 <= variant["identity_accuracy"] <= 1 and 0 <= variant["context_accuracy"] <= 1
         assert np.isfinite(variant["versus_prior"]["mae_outside"])
+        for split in ("test", "train"):
+            information = variant["identity_information"][split]
+            assert information["pairs"] > 0 and np.isfinite(information["gain"])
+            assert information["gain"] == pytest.approx(1 - information["own"] / information["shuffled"])
     assert set(results["timings_seconds"]) >= {"world", "stage1_vae", "stage1_prior", "synth_moa", "judges", "evaluation"}
     assert "| claim |" in (out / "results.md").read_text()
     assert Image.open(out / "fig7_synth_moa.png").size[0] > 64 and (out / "router_maps_synth_moa.png").exists()
@@ -152,6 +156,10 @@ def test_a_claim_holds_only_beyond_two_standard_errors():
     key = "routers separate: mean prior weight over the loss layers, background / subject pixels"
     assert verdicts(variant | {"training": routers})[key] == "yes"
     assert verdicts(variant | {"training": routers | {"router_prior_weight_foreground": 0.55}})[key] == "**no**"
+    key = "injection reaches the model: held-out subjects' pixels, denoising error with their own image vs another subject's"
+    information = {"own": 0.080, "shuffled": 0.083, "none": 0.082, "gain": 0.036, "difference_stderr": 0.001}
+    assert verdicts(variant | {"identity_information": {"test": information}})[key] == "yes"
+    assert verdicts(variant | {"identity_information": {"test": information | {"difference_stderr": 0.002}}})[key] == "**no**"
 
 
 def test_committed_image_encoder_tells_held_out_subjects_apart(tmp_path, tiny_dir):

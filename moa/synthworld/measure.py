@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from moa.data.datamodule import FFHQWildDataModule
 from moa.data.stores import FolderStore
 from moa.data.transforms import SubjectImageSpec
 from moa.evaluation.metrics import Disentanglement
@@ -25,7 +26,7 @@ from moa.inference.pipeline import MoAPipeline, Subject, scheduler_from_name
 from moa.models.model import MoAModel, load_image_encoder
 from moa.synthworld.judges import ATTRIBUTES, CONTEXT, IDENTITY_ATTRIBUTES, WorldLabels, square_crop
 from moa.synthworld.report import write_figures
-from moa.synthworld.world import WORDS, compose_caption, observable, subject_crops
+from moa.synthworld.world import IMAGE_SIZE, WORDS, ReferenceRenders, compose_caption, observable, subject_crops
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +236,12 @@ def evaluate_variants(cfg: DictConfig, out: Path, world: Path, prior: str, image
         # do not come out, nothing reaches the image at all.
         seen_images, _ = generate_subjects(pipe, seen_subjects, contexts, seeds, cfg)
         seen_hits = identity_hits(judges, seen_images, lambda k: seen_subjects[k[0]][k[1]])
+        information = {split: identity_information_gain(model, world, prior, image_encoder, split=split, seed=cfg.seed)
+                       for split in ("test", "train")}
         results["variants"][variant] = {**score_variant(images, subjects, contexts, judges, cfg),
                                         "seen_identity_accuracy": seen_hits.mean().item(),
                                         "seen_identity_decisions": seen_hits.numel(),
+                                        "identity_information": information,
                                         "training": training_summary(Path(moa_weights).parent)}
         if spread_judges is not None:
             again = score_variant(images, subjects, contexts, spread_judges, cfg)
@@ -246,6 +250,50 @@ def evaluate_variants(cfg: DictConfig, out: Path, world: Path, prior: str, image
         write_figures(out, variant, images, subjects, contexts, seeds, pipe.vae_scale_factor)
         log.info("%s: %s", variant, json.dumps(results["variants"][variant]))
     return results
+
+
+@torch.no_grad()
+def identity_information_gain(model: MoAModel, world: Path, prior: str, image_encoder: str, *, split: str,
+                              samples: int = 256, draws: int = 2, seed: int = 0) -> dict:
+    """Does the trained model use the subject image at all? Judge-free and prior-free: its denoising
+    error on the subjects' latent pixels (mask-weighted MSE, as the masked loss) with each sample's own
+    subject image, with the image of the next sample in the batch (another subject), and with no
+    subject (the personalized expert sees the plain text). Same latents, noise and timesteps for all
+    three; ``draws`` noise/timestep draws per sample, seeded.
+
+    Returns the three mean errors, ``gain`` = (shuffled - own) / shuffled (the share of the subject
+    pixels' error the right identity removes; 0 = the image is ignored) and the standard error of
+    shuffled - own over the paired per-sample differences.
+    """
+    data = FFHQWildDataModule(root=str(world), base_model=prior, image_encoder=image_encoder, resolution=IMAGE_SIZE,
+                              batch_size=16, num_workers=0, seed=seed, subject_source=ReferenceRenders(),
+                              val_split=split, val_samples=samples)
+    errors = {"own": [], "shuffled": [], "none": []}
+    for index, batch in enumerate(data.val_dataloader()):
+        generator = torch.Generator().manual_seed(seed * 100_003 + index)
+        subject_features = model.encode_subjects(batch["subject_pixel_values"])
+        text = model.encode_text(batch["input_ids"])
+        another = torch.roll(torch.arange(len(subject_features)), 1)
+        for _ in range(draws):
+            latents = model.vae.encode(batch["pixel_values"]).latent_dist.sample(generator) * model.vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+            noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+            masks = F.interpolate(batch["subject_masks"].amax(1, keepdim=True), size=latents.shape[-2:], mode="bilinear",
+                                  antialias=True, align_corners=False)
+            for name, features, valid in (("own", subject_features, batch["subject_valid"]),
+                                          ("shuffled", subject_features[another], batch["subject_valid"]),
+                                          ("none", subject_features, torch.zeros_like(batch["subject_valid"]))):
+                moa = model.moa_inputs(text, timesteps=timesteps, subject_features=features,
+                                       subject_token_index=batch["subject_token_index"], subject_valid=valid)
+                prediction = model.unet(noisy, timesteps, text, cross_attention_kwargs={"moa": moa}).sample
+                squared = ((prediction - noise) ** 2).mean(1, keepdim=True) * masks
+                errors[name].append(squared.flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1e-6))
+    errors = {name: torch.cat(values) for name, values in errors.items()}
+    difference = errors["shuffled"] - errors["own"]
+    return {**{name: values.mean().item() for name, values in errors.items()},
+            "gain": (difference.mean() / errors["shuffled"].mean()).item(),
+            "difference_stderr": (difference.std() / len(difference) ** 0.5).item(), "pairs": len(difference)}
 
 
 def prior_sensitivity(prior_images: dict) -> dict:

@@ -81,6 +81,16 @@ def claims(results: dict) -> list[tuple[str, str, str, str]]:
             rows.append(("injection works at all: identity accuracy of subjects stage 2 trained on",
                          f"{100 * moa['seen_identity_accuracy']:.1f}% (VAE ceiling {100 * ceiling:.1f}%)",
                          "near the ceiling", "-"))
+        for split, who in (("test", "held-out"), ("train", "trained-on")):
+            information = moa.get("identity_information", {}).get(split)
+            if information:
+                rows.append((f"injection reaches the model: {who} subjects' pixels, denoising error with their own "
+                             "image vs another subject's",
+                             f"{information['own']:.4f} vs {information['shuffled']:.4f} (no subject "
+                             f"{information['none']:.4f}): {100 * information['gain']:.1f}% lower, "
+                             f"+- {100 * information['difference_stderr'] / information['shuffled']:.1f}",
+                             "lower (> 2 standard errors)",
+                             _yes(information["shuffled"] - information["own"] > 2 * information["difference_stderr"])))
         training = moa.get("training", {})
         if "router_prior_weight_background" in training:
             background, subject = training["router_prior_weight_background"], training["router_prior_weight_foreground"]
