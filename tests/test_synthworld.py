@@ -101,7 +101,8 @@ def test_the_whole_reproduction_runs_end_to_end_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [("prior=nope", "prior='nope'"),
-                                               ("variants=[synth_moa,synth_typo]", "synth_typo")])
+                                               ("variants=[synth_moa,synth_typo]", "synth_typo"),
+                                               ("prior_described_fraction=1.5", "prior_described_fraction=1.5")])
 def test_bad_choices_are_named_before_any_work(tmp_path, override, message):
     result = subprocess.run([sys.executable, "-m", "moa.synthworld", "scale=smoke", f"out={tmp_path}", override],
                             cwd=REPO, capture_output=True, text=True)
@@ -175,6 +176,27 @@ def test_committed_image_encoder_tells_held_out_subjects_apart(tmp_path, tiny_di
     assert min(trained["probe_accuracy"].values()) >= 0.9, trained
     assert trained["subject_cosine"] < 0.3
     assert probe_image_encoder(str(tiny_dir / "clip"), world, steps=200)["subject_cosine"] > 0.9
+
+
+def test_described_scenes_are_the_same_scenes_with_their_people_named(tmp_path):
+    """described_fraction changes captions only: same pixels and masks, the noun phrase still ends at the
+    person word, and the described share is near the fraction."""
+    from moa.synthworld.world import identity_details, write_synthetic_ffhq
+
+    plain = write_synthetic_ffhq(tmp_path / "plain", num_samples=40, size=32, seed=3)
+    described = write_synthetic_ffhq(tmp_path / "described", num_samples=40, size=32, seed=3, described_fraction=0.5)
+    named = 0
+    for image_id in FolderStore(plain).split("all"):
+        a, b = (json.loads(FolderStore(root).read(image_id, "json")) for root in (plain, described))
+        assert FolderStore(plain).read(image_id, "jpg") == FolderStore(described).read(image_id, "jpg")
+        assert a["identities"] == b["identities"] and a["context"] == b["context"]
+        if b["caption"] != a["caption"]:
+            named += 1
+            people = [segment for segment in b["segments"] if segment["coco_label"] == "person"]
+            for identity, segment in zip(b["identities"], people, strict=True):
+                assert b["caption"][:segment["end"]].endswith(identity["word"])
+                assert b["caption"][segment["end"]:].startswith(" " + identity_details(identity))
+    assert 10 <= named <= 30
 
 
 def test_identity_captions_name_every_visible_attribute():

@@ -26,7 +26,15 @@ from moa.inference.pipeline import MoAPipeline, Subject, scheduler_from_name
 from moa.models.model import MoAModel, load_image_encoder
 from moa.synthworld.judges import ATTRIBUTES, CONTEXT, IDENTITY_ATTRIBUTES, WorldLabels, square_crop
 from moa.synthworld.report import write_figures
-from moa.synthworld.world import IMAGE_SIZE, WORDS, ReferenceRenders, compose_caption, observable, subject_crops
+from moa.synthworld.world import (
+    IMAGE_SIZE,
+    WORDS,
+    ReferenceRenders,
+    compose_caption,
+    identity_details,
+    observable,
+    subject_crops,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,11 @@ class EvalSubject:
     reference: Path
     reference_mask: Path
     attributes: list[int]  # class indices, order of moa.synthworld.judges.ATTRIBUTES
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """The attributes by name, as in the world's annotations."""
+        return {name: classes[index] for (name, classes), index in zip(ATTRIBUTES.items(), self.attributes)}
 
 
 def pick_subjects(world: Path, per_word: int, split: str = "test") -> dict[str, list[EvalSubject]]:
@@ -107,6 +120,20 @@ def generate_subjects(pipe, subjects, contexts, seeds, cfg) -> tuple[dict, dict]
         for i, image in enumerate(batch):
             images[(word, i, c, seed)] = image
     return images, router
+
+
+def generate_described(pipe, subjects, contexts, seeds, cfg) -> dict:
+    """The prior's own images of prompts that *name* each subject's identity ("a man with tan skin, ...
+    shirt next to ..."), no subject image: {(word, i, c, seed): (3, H, W)}. What the text path alone
+    draws: a prior that cannot draw a named attribute gives the personalized experts, copied from its
+    cross-attention, no route to draw it either."""
+    images = {}
+    for word, people in subjects.items():
+        for c, seed in itertools.product(range(len(contexts)), seeds):
+            captions = [compose_caption([word], contexts[c], [identity_details(s.identity)])[0] for s in people]
+            for i, image in enumerate(_generate(pipe, captions, None, seed, cfg)[0]):
+                images[(word, i, c, seed)] = image
+    return images
 
 
 def _load_mask(path: Path):
@@ -190,10 +217,11 @@ def judge_calibration(judges, world: Path, prior: str) -> dict:
     return {"renders": renders, "vae_reconstructions": judges.accuracy_on(test)}
 
 
-def prior_gates(pipe, judges, cfg) -> dict:
+def prior_gates(pipe, judges, cfg, subjects) -> dict:
     """Does the prior draw the world? Its own images of ``cfg.eval.prior_gate_contexts`` contexts x both
     words x ``cfg.eval.seeds`` seeds, read by the judges: context accuracy, the person word read as
-    prompted, and whether the segmenter finds a figure at all."""
+    prompted, and whether the segmenter finds a figure at all; and the identity attributes of
+    ``subjects`` read back from prompts that name them (``generate_described``)."""
     contexts = pick_contexts(cfg.eval.prior_gate_contexts, cfg.seed + 1)
     images = generate_prior(pipe, list(WORDS), contexts, list(range(cfg.eval.seeds)), cfg)
     keys = list(images)
@@ -202,7 +230,11 @@ def prior_gates(pipe, judges, cfg) -> dict:
     context_hits = (judges.read_context(batch) == context_truth).float()
     word_read = judges.read_subject(batch)[:, list(ATTRIBUTES).index("word")]
     word_truth = torch.tensor([WORDS.index(word) for word, _, _ in keys])
-    return {"context_accuracy": context_hits.mean().item(),
+    described = generate_described(pipe, subjects, contexts[:cfg.eval.contexts], list(range(cfg.eval.seeds)), cfg)
+    described_hits = identity_hits(judges, described, lambda k: subjects[k[0]][k[1]])
+    return {"described_identity_accuracy": described_hits.mean().item(),
+            "described_identity_decisions": described_hits.numel(),
+            "context_accuracy": context_hits.mean().item(),
             "context_accuracy_per_factor": dict(zip(CONTEXT, context_hits.mean(0).tolist())),
             "word_accuracy": (word_read == word_truth).float().mean().item(),
             "figure_found": (judges.person_masks(batch).flatten(1).amax(1) > 0).float().mean().item(),
@@ -229,7 +261,7 @@ def evaluate_variants(cfg: DictConfig, out: Path, world: Path, prior: str, image
         if prior_images is None:  # without subjects every variant is the same prior, exactly
             prior_images = generate_prior(pipe, list(subjects), contexts, seeds, cfg)
             results["prior_sensitivity"] = prior_sensitivity(prior_images)
-            results["prior_gates"] = prior_gates(pipe, judges, cfg)
+            results["prior_gates"] = prior_gates(pipe, judges, cfg, subjects)
         subject_images, router = generate_subjects(pipe, subjects, contexts, seeds, cfg)
         images = {"subject": subject_images, "prior": prior_images, "router": router}
         # The same prompts with identities stage 2 trained on (their own reference renders): if these

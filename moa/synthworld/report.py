@@ -199,6 +199,11 @@ def stage1_section(results: dict) -> list[str]:
                   f"{_yes(gates['word_accuracy'] >= 0.9)} |",
                   f"| segmenter finds a figure | {100 * gates['figure_found']:.1f}% | >= 95% | "
                   f"{_yes(gates['figure_found'] >= 0.95)} |"]
+        if "described_identity_accuracy" in gates:
+            lines.append(f"| identity attributes of the held-out subjects *named in the prompt*, read back "
+                         f"({gates['described_identity_decisions']} decisions) | "
+                         f"{100 * gates['described_identity_accuracy']:.1f}% (chance "
+                         f"{100 * results['chance_identity_accuracy']:.1f}%) | (what the text path draws; no gate) | - |")
     return lines
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from moa.checks import ConfigError, exit_on_config_error
+from moa.checks import ConfigError, Range, check_ranges, exit_on_config_error
 from moa.config import CONFIG_DIR, asset
 from moa.files import write_text
 
@@ -65,15 +65,21 @@ def run_stage(stage: str, overrides: list[str], done: Path, timings: Timings) ->
 def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> tuple[str, str, dict[str, Path]]:
     """Stages 1 and 2; returns (prior folder, image encoder folder, variant -> exported MoA weights)."""
     cache = out / "cache"
-    common = [f"paths.cache_dir={cache}", f"embedded.data_root={world}", f"seed={cfg.seed}", "logger=csv",
-              *cfg.scale.stage_overrides]
+    common = [f"paths.cache_dir={cache}", f"seed={cfg.seed}", "logger=csv", *cfg.scale.stage_overrides]
+    data = f"embedded.data_root={world}"
     if cfg.prior == "train":
-        run_stage("stage1_vae", [*common, "experiment=synth_vae", f"hydra.run.dir={out}/stage1_vae",
+        run_stage("stage1_vae", [*common, data, "experiment=synth_vae", f"hydra.run.dir={out}/stage1_vae",
                                  f"export_dir={out}/vae"], out / "vae" / "model_index.json", timings)
-        run_stage("stage1_prior", [*common, "experiment=synth_prior", f"hydra.run.dir={out}/stage1_prior",
-                                   f"base_model={out}/vae", f"export_dir={out}/prior"],
-                  out / "prior" / "model_index.json", timings)
-        run_stage("stage1_clip", [*common, "experiment=synth_clip", f"hydra.run.dir={out}/stage1_clip",
+        # The prior reads the same scenes, a share of them captioned with their people's identity.
+        from moa.synthworld.world import IMAGE_SIZE, write_synthetic_ffhq
+
+        prior_world = world.with_name("world_described")
+        write_synthetic_ffhq(prior_world, num_samples=cfg.scale.world_samples, size=IMAGE_SIZE, seed=cfg.seed,
+                             described_fraction=cfg.prior_described_fraction)
+        run_stage("stage1_prior", [*common, f"embedded.data_root={prior_world}", "experiment=synth_prior",
+                                   f"hydra.run.dir={out}/stage1_prior", f"base_model={out}/vae",
+                                   f"export_dir={out}/prior"], out / "prior" / "model_index.json", timings)
+        run_stage("stage1_clip", [*common, data, "experiment=synth_clip", f"hydra.run.dir={out}/stage1_clip",
                                   f"export_dir={out}/clip"], out / "clip" / "config.json", timings)
         prior, image_encoder = str(out / "prior"), str(out / "clip")
     else:
@@ -82,7 +88,7 @@ def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> t
     weights = {}
     for variant in cfg.variants:
         run_dir = out / variant
-        run_stage(variant, [*common, f"experiment={variant}", f"hydra.run.dir={run_dir}", f"base_model={prior}",
+        run_stage(variant, [*common, data, f"experiment={variant}", f"hydra.run.dir={run_dir}", f"base_model={prior}",
                             f"image_encoder={image_encoder}"],
                   run_dir / "moa_weights" / "moa.safetensors", timings)
         weights[variant] = run_dir / "moa_weights"
@@ -95,6 +101,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"prior={cfg.prior!r}: expected 'train', 'committed' or a diffusers Stable Diffusion folder")
     if cfg.judges not in ("auto", "train", "committed"):
         raise ConfigError(f"judges={cfg.judges!r}: expected 'auto', 'train' or 'committed'")
+    check_ranges(cfg, {"prior_described_fraction": Range(False, 0.0, 1.0, "a share of scenes in [0, 1]")})
     experiments = Path(CONFIG_DIR) / "experiment"
     unknown = [v for v in cfg.variants if not (experiments / f"{v}.yaml").exists()]
     if unknown:

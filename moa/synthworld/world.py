@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 PLACE_SEGMENT = 1
 PERSON_SEGMENTS = range(10, 20)
 OBJECT_SEGMENT = 20
+# derived_seed stream of the described-caption draws (the per-sample reference streams use 0..num_samples-1).
+DESCRIBED_STREAM = 10**9
 # Scene size of the SynthWorld reproduction (the tiny prior's resolution; the embedded default renders larger).
 IMAGE_SIZE = 64
 
@@ -127,8 +129,10 @@ def _draw_person(canvas: ImageDraw.ImageDraw, labels: ImageDraw.ImageDraw, ident
     return hand
 
 
-def render_scene(rng: random.Random, identities: list[Identity], *, size: int) -> tuple[Image.Image, np.ndarray, dict]:
-    """One scene: image, segment map and FFHQ-wild annotation for ``identities`` (1 or 2 people)."""
+def render_scene(rng: random.Random, identities: list[Identity], *, size: int, described: bool = False
+                 ) -> tuple[Image.Image, np.ndarray, dict]:
+    """One scene: image, segment map and FFHQ-wild annotation for ``identities`` (1 or 2 people).
+    ``described``: the caption names each person's identity attributes (``identity_details``)."""
     place = rng.choice(list(BACKGROUNDS))
     sky, floor, floor_label = BACKGROUNDS[place]
     horizon = int(size * rng.uniform(0.45, 0.65))
@@ -166,7 +170,8 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int) -
         labels.ellipse((ox - obj_r * 0.6, oy - obj_r, ox + obj_r * 0.6, oy - obj_r * 0.1), fill=OBJECT_SEGMENT)
 
     context = {"place": place, "object": obj, "object_colour": obj_colour, "holding": holds}
-    caption, ends = compose_caption([identity.word for identity in identities], context)
+    details = [identity_details(identity.__dict__) for identity in identities] if described else None
+    caption, ends = compose_caption([identity.word for identity in identities], context, details)
     seg = np.asarray(segmap, dtype=np.int32)
     segments = []
     words = ({PERSON_SEGMENTS[i]: identity.word for i, identity in enumerate(identities)}
@@ -184,16 +189,20 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int) -
     return image, seg, annotation
 
 
-def compose_caption(words: list[str], context: dict) -> tuple[str, dict[int, int]]:
+def compose_caption(words: list[str], context: dict, details: list[str] | None = None) -> tuple[str, dict[int, int]]:
     """The world's caption for people called ``words`` in ``context`` (keys place, object,
     object_colour, holding), and the character index where each noun phrase ends (FastComposer's
-    "end"), by segment id (``PERSON_SEGMENTS``, ``OBJECT_SEGMENT``, ``PLACE_SEGMENT``)."""
+    "end"), by segment id (``PERSON_SEGMENTS``, ``OBJECT_SEGMENT``, ``PLACE_SEGMENT``). ``details``
+    (one per person) follow each person's word, e.g. "a man with tan skin, ... shirt next to ..."; the
+    noun phrase still ends at the word."""
     parts, ends = [], {}
     for index, word in enumerate(words):
         if index:
             parts.append(" and ")
         parts.append(f"a {word}")
         ends[PERSON_SEGMENTS[index]] = len("".join(parts))
+        if details:
+            parts.append(f" {details[index]}")
     parts.append(" holding " if context["holding"] else " next to ")
     parts.append(f"a {context['object_colour']} {context['object']}")
     ends[OBJECT_SEGMENT] = len("".join(parts))
@@ -225,22 +234,27 @@ def sample_dir(root: Path, image_id: str) -> Path:
 
 
 def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size: int = 128, seed: int = 0,
-                         two_subject_fraction: float = 0.3, test_fraction: float = 0.125) -> Path:
+                         two_subject_fraction: float = 0.3, test_fraction: float = 0.125,
+                         described_fraction: float = 0.0) -> Path:
     """Render ``num_samples`` scenes into ``root`` in the FFHQ-wild layout; atomic (temp dir + rename).
 
-    Does nothing if ``root`` already holds a complete data set.
+    ``described_fraction``: the share of scenes whose caption also names their people's identity
+    attributes, as web captions sometimes describe a person (the prior's world: a prior that never read
+    "red hair" has no text path that draws it). Drawn from a generator of its own, so the scenes are
+    the same whatever the fraction. Does nothing if ``root`` already holds a complete data set.
     """
     root = Path(root)
     if (root / "image_ids.txt").exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    rng = random.Random(seed)
+    rng, describe_rng = random.Random(seed), random.Random(derived_seed(seed, DESCRIBED_STREAM))
     ids = []
     for index in tqdm(range(num_samples), desc="rendering synthetic FFHQ-wild", disable=num_samples < 200):
         count = 2 if rng.random() < two_subject_fraction else 1
         identities = [Identity.sample(rng) for _ in range(count)]
-        image, seg, annotation = render_scene(rng, identities, size=size)
+        described = describe_rng.random() < described_fraction
+        image, seg, annotation = render_scene(rng, identities, size=size, described=described)
         image_id = sample_id(index)
         folder = sample_dir(staging, image_id)
         folder.mkdir(exist_ok=True)
@@ -302,13 +316,18 @@ def observable(attribute: str, identity: dict) -> bool:
     return not (attribute == "hair_colour" and identity["hair_style"] == "bald")
 
 
+def identity_details(identity: dict) -> str:
+    """The identity attributes of a person in words, e.g. "with pale skin, long red hair and a green
+    striped shirt"."""
+    hair = "no hair" if identity["hair_style"] == "bald" else f"{identity['hair_style']} {identity['hair_colour']} hair"
+    return f"with {identity['skin']} skin, {hair} and a {identity['shirt_colour']} {identity['shirt_pattern']} shirt"
+
+
 def describe_identity(identity: dict) -> str:
     """A caption naming every identity attribute, e.g. "a woman with pale skin, long red hair and a
     green striped shirt": the analogue of the web captions CLIP learns identity from. (Scene captions
-    never name the identity; only the image encoder's training sees these.)"""
-    hair = "no hair" if identity["hair_style"] == "bald" else f"{identity['hair_style']} {identity['hair_colour']} hair"
-    return (f"a {identity['word']} with {identity['skin']} skin, {hair} and a {identity['shirt_colour']} "
-            f"{identity['shirt_pattern']} shirt")
+    name the identity only in the prior's world, ``described_fraction``; stage 2 never sees them.)"""
+    return f"a {identity['word']} {identity_details(identity)}"
 
 
 def subject_crops(root: str | os.PathLike, split: str, spec, *, sources: tuple[str, ...] = ("scene", "reference")
