@@ -9,6 +9,20 @@ from torch import nn
 from moa.models.inputs import pixel_map_to_grid
 
 
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the U-Net predicts under ``scheduler``'s ``prediction_type``: the noise, or the velocity."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def latent_union_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Subject masks (batch, subjects, H, W) in [0, 1] -> their union at latent ``size``, (batch, 1, h, w)
+    (antialiased bilinear, so partly covered latent pixels count in part)."""
+    return F.interpolate(masks.amax(dim=1, keepdim=True), size=size, mode="bilinear", antialias=True,
+                         align_corners=False)
+
+
 class MaskedDenoisingLoss(nn.Module):
     """``|| M * (eps - eps_hat) ||^2`` normalised by the mask's area (foreground-only reconstruction).
 

@@ -23,6 +23,7 @@ from moa.data.stores import FolderStore
 from moa.data.transforms import SubjectImageSpec
 from moa.evaluation.metrics import Disentanglement
 from moa.inference.pipeline import MoAPipeline, Subject, scheduler_from_name
+from moa.models.losses import denoising_target, latent_union_mask
 from moa.models.model import MoAModel, load_image_encoder
 from moa.synthworld.judges import ATTRIBUTES, CONTEXT, IDENTITY_ATTRIBUTES, WorldLabels, square_crop
 from moa.synthworld.report import write_figures
@@ -306,20 +307,21 @@ def identity_information_gain(model: MoAModel, world: Path, prior: str, image_en
         subject_features = model.encode_subjects(batch["subject_pixel_values"])
         text = model.encode_text(batch["input_ids"])
         another = torch.roll(torch.arange(len(subject_features)), 1)
+        posterior = model.vae.encode(batch["pixel_values"]).latent_dist  # once per batch; each draw samples it
+        masks = latent_union_mask(batch["subject_masks"], posterior.mean.shape[-2:])
         for _ in range(draws):
-            latents = model.vae.encode(batch["pixel_values"]).latent_dist.sample(generator) * model.vae.config.scaling_factor
+            latents = posterior.sample(generator) * model.vae.config.scaling_factor
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
             noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-            masks = F.interpolate(batch["subject_masks"].amax(1, keepdim=True), size=latents.shape[-2:], mode="bilinear",
-                                  antialias=True, align_corners=False)
+            target = denoising_target(model.noise_scheduler, latents, noise, timesteps)
             for name, features, valid in (("own", subject_features, batch["subject_valid"]),
                                           ("shuffled", subject_features[another], batch["subject_valid"]),
                                           ("none", subject_features, torch.zeros_like(batch["subject_valid"]))):
                 moa = model.moa_inputs(text, timesteps=timesteps, subject_features=features,
                                        subject_token_index=batch["subject_token_index"], subject_valid=valid)
                 prediction = model.unet(noisy, timesteps, text, cross_attention_kwargs={"moa": moa}).sample
-                squared = ((prediction - noise) ** 2).mean(1, keepdim=True) * masks
+                squared = ((prediction - target) ** 2).mean(1, keepdim=True) * masks
                 errors[name].append(squared.flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1e-6))
     errors = {name: torch.cat(values) for name, values in errors.items()}
     difference = errors["shuffled"] - errors["own"]

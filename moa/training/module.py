@@ -11,11 +11,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from diffusers.training_utils import EMAModel, compute_snr
 
 from moa.data.transforms import empty_caption_ids
-from moa.models.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss
+from moa.models.losses import (
+    MaskedDenoisingLoss,
+    ObjectLocalizationLoss,
+    RouterLoss,
+    denoising_target,
+    latent_union_mask,
+)
 from moa.models.model import MoAModel
 from moa.models.unet import loss_layer_names
 from moa.seeding import derived_seed, step_generator
@@ -251,17 +256,10 @@ class MoALitModule(pl.LightningModule):
             record_attention_layers=self.loss_layers,
         )
         prediction = model.unet(noisy, timesteps, text, cross_attention_kwargs={"moa": moa}).sample
-        if model.noise_scheduler.config.prediction_type == "v_prediction":
-            target = model.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-
-        def union(masks: torch.Tensor) -> torch.Tensor:  # (b, subjects, H, W) -> (b, 1, h, w) at latent size
-            return F.interpolate(masks.amax(dim=1, keepdim=True), size=latents.shape[-2:], mode="bilinear",
-                                 antialias=True, align_corners=False)
-
+        target = denoising_target(model.noise_scheduler, latents, noise, timesteps)
+        latent_size = latents.shape[-2:]
         # Every annotated person is reconstructed; only the subjects actually given are the router's foreground.
-        foreground = union(batch["subject_masks"] * batch["subject_valid"][..., None, None])
+        foreground = latent_union_mask(batch["subject_masks"] * batch["subject_valid"][..., None, None], latent_size)
         masks = batch["subject_masks"] * subject_valid[..., None, None]
         sample_weights = None
         if self.snr_gamma is not None:
@@ -272,7 +270,7 @@ class MoALitModule(pl.LightningModule):
         stats = {}
         total = losses["masked"]
         if self.use_router:
-            given = union(masks)
+            given = latent_union_mask(masks, latent_size)
             losses["router"], prior_weight = self.router_loss(moa.router_maps, given)
             total = total + self.lambda_router * losses["router"]
             stats["router_prior_weight_foreground"] = (prior_weight * given).sum() / given.sum().clamp(min=1e-6)
