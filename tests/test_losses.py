@@ -51,6 +51,18 @@ def test_router_loss_sums_pixels_per_image_then_averages_images_or_takes_the_pla
         RouterLoss("sum")
 
 
+def test_router_loss_foreground_weight_pulls_subject_pixels_to_the_personalized_expert():
+    foreground = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    r0 = torch.tensor([[0.25, 0.5, 0.5, 1.0]])
+    # background: 0.5^2 + 0.5^2 + 0 = 0.5; foreground: 2 * 0.25^2 = 0.125
+    loss, _ = RouterLoss(foreground_weight=2.0)({"layer": r0}, foreground)
+    assert loss.item() == pytest.approx(0.5 + 0.125)
+    paper, _ = RouterLoss()({"layer": r0}, foreground)
+    assert paper.item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="router_loss_foreground_weight"):
+        RouterLoss(foreground_weight=-1.0)
+
+
 def test_object_loss_is_background_mean_minus_foreground_mean_over_valid_subjects():
     masks = torch.zeros(1, 2, 2, 2)
     masks[0, 0, 0, 0] = 1.0

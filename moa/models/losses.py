@@ -51,13 +51,20 @@ class RouterLoss(nn.Module):
     the latent pixels of one image: summed per image, then averaged over the batch, so lambda_r = 1e-4
     weighs it as the paper does) or ``"mean"`` (over every pixel of the batch: 1 / (h * w) as strong;
     at 64x64 latents that is 4096x weaker, enough to leave the routers unsupervised under Adam).
+
+    foreground_weight: 0 (the paper) leaves the subject free. Above 0 it adds
+    ``foreground_weight * || M * R0_bar ||^2`` (same reduction), pulling subject pixels to the
+    personalized expert: our lever, not the paper's, for routers that otherwise keep the subject on
+    the prior while the personalized expert has little to offer it.
     """
 
-    def __init__(self, reduction: str = "sum_per_image"):
+    def __init__(self, reduction: str = "sum_per_image", foreground_weight: float = 0.0):
         super().__init__()
         if reduction not in ROUTER_LOSS_REDUCTIONS:
             raise ValueError(f"model.router_loss_reduction={reduction!r}: expected one of {ROUTER_LOSS_REDUCTIONS}")
-        self.reduction = reduction
+        if foreground_weight < 0:
+            raise ValueError(f"model.router_loss_foreground_weight={foreground_weight}: expected >= 0")
+        self.reduction, self.foreground_weight = reduction, foreground_weight
 
     def forward(self, router_maps: dict[str, torch.Tensor], foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """router_maps: name -> (batch, pixels) prior weight; foreground (batch, 1, h, w).
@@ -69,6 +76,8 @@ class RouterLoss(nn.Module):
             for m in router_maps.values()
         ]).mean(dim=0)
         squared = ((1.0 - foreground) * (1.0 - prior_weight)).pow(2)
+        if self.foreground_weight:
+            squared = squared + self.foreground_weight * (foreground * prior_weight).pow(2)
         loss = squared.flatten(1).sum(1).mean() if self.reduction == "sum_per_image" else squared.mean()
         return loss, prior_weight
 

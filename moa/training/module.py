@@ -41,6 +41,8 @@ class MoALitModule(pl.LightningModule):
         lr_scheduler: optional factory ``optimizer -> LRScheduler``, stepped every optimizer step.
         lambda_router, lambda_object: loss weights (paper: 1e-4 each; non-negative).
         router_loss_reduction: ``"sum_per_image"`` (eq. 9, default) or ``"mean"`` (see ``RouterLoss``).
+        router_loss_foreground_weight: 0 (the paper); above 0 the router loss also pulls subject pixels to
+            the personalized expert (see ``RouterLoss``).
         image_encoder_lr: learning rate of the image encoder's trainable layers (``net``'s
             ``image_encoder_trainable_layers``); None: the optimizer's rate.
         lr_scale: per-part multipliers of the optimizer's rate: ``experts`` (start as copies of the
@@ -72,7 +74,8 @@ class MoALitModule(pl.LightningModule):
 
     def __init__(self, *, net: MoAModel, optimizer: Callable, lr_scheduler: Callable | None = None,
                  lambda_router: float = 1e-4, lambda_object: float = 1e-4,
-                 router_loss_reduction: str = "sum_per_image", image_encoder_lr: float | None = None,
+                 router_loss_reduction: str = "sum_per_image", router_loss_foreground_weight: float = 0.0,
+                 image_encoder_lr: float | None = None,
                  lr_scale: dict[str, float] | None = None, condition_dropout: float = 0.1,
                  subject_dropout: float = 0.0, text_only_dropout: float = 0.0, snr_gamma: float | None = None,
                  ema_decay: float | None = None, frozen_dtype: str | None = None,
@@ -98,13 +101,14 @@ class MoALitModule(pl.LightningModule):
         if not 0 < max_timestep <= model.noise_scheduler.config.num_train_timesteps:
             raise ValueError(f"model.max_timestep={max_timestep}: expected 1..{model.noise_scheduler.config.num_train_timesteps}")
         self.save_hyperparameters({"lambda_router": lambda_router, "router_loss_reduction": router_loss_reduction,
+                                   "router_loss_foreground_weight": router_loss_foreground_weight,
                                    "image_encoder_lr": image_encoder_lr, "lambda_object": lambda_object, "condition_dropout": condition_dropout,
                                    "lr_scale": self.lr_scale, "subject_dropout": subject_dropout,
                                    "text_only_dropout": text_only_dropout, "snr_gamma": snr_gamma,
                                    "ema_decay": ema_decay, "frozen_dtype": frozen_dtype, "max_timestep": max_timestep,
                                    "seed": seed})
         self.masked_loss, self.object_loss = MaskedDenoisingLoss(), ObjectLocalizationLoss()
-        self.router_loss = RouterLoss(router_loss_reduction)
+        self.router_loss = RouterLoss(router_loss_reduction, router_loss_foreground_weight)
         self.loss_layers = loss_layer_names(model.unet, model.moa_config)
         self.use_router = model.moa_config.variant == "moa"
         if gradient_checkpointing:

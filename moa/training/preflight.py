@@ -24,6 +24,7 @@ TRAINING_RANGES = {
     "model.optimizer.lr": Range(False, 0, None, "a positive learning rate", above_low=True),
     "model.image_encoder_lr": Range(False, 0, None, "a positive learning rate, or null", above_low=True, nullable=True),
     "model.lambda_router": Range(False, 0, None, "a non-negative loss weight (paper: 1e-4)"),
+    "model.router_loss_foreground_weight": Range(False, 0, None, "a non-negative weight (paper: 0)"),
     "model.lambda_object": Range(False, 0, None, "a non-negative loss weight (paper: 1e-4)"),
     "model.condition_dropout": Range(False, 0, 1, "a probability in [0, 1]"),
     "model.max_timestep": Range(True, 1, None, "a positive number of diffusion timesteps"),
