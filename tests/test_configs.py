@@ -19,8 +19,8 @@ def test_expected_experiments_exist():
 def test_experiment_composes_and_instantiates(experiment, compose_cfg):
     cfg = compose_cfg(f"experiment={experiment}", ffhq_data=experiment != "synth_clip")
     is_moa = cfg.model._target_ == "moa.training.module.MoALitModule"
-    if is_moa:  # the paper's router-loss weight, except in the diagnostic that scales it on purpose
-        expected = 1e-2 if experiment == "synth_moa_router_x100" else 1e-4
+    if is_moa:  # the paper's router-loss weight, except in the router diagnostics that scale it on purpose
+        expected = 1e-2 if experiment in ("synth_moa_router_x100", "synth_moa_router_fg") else 1e-4
         assert OmegaConf.select(cfg, "model.lambda_router") == expected
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.model)
