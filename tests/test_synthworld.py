@@ -121,14 +121,31 @@ def test_prior_sensitivity_separates_word_from_context_changes():
     assert sensitivity["context_change_mae"] == pytest.approx(0.5)
 
 
+def test_context_gap_is_paired_by_prompt_and_seed():
+    """Subject images are compared with the prior's image of their own (word, context, seed); the
+    standard error comes from one mean difference per (word, context, seed), hand-computed here."""
+    from moa.synthworld.measure import paired_context_gap
+
+    prior_keys = [("man", 0, 0), ("man", 1, 0)]
+    prior_hits = torch.tensor([[1.0, 1, 0, 0], [1.0, 1, 1, 1]])  # 0.5 and 1.0
+    subject_keys = [("man", 0, 0, 0), ("man", 1, 0, 0), ("man", 0, 1, 0), ("man", 1, 1, 0)]
+    subject_hits = torch.tensor([[1.0, 1, 1, 0], [1.0, 1, 1, 1],  # prompt 0: 0.75, 1.0 -> +0.375
+                                 [1.0, 1, 1, 1], [1.0, 0, 1, 1]])  # prompt 1: 1.0, 0.75 -> -0.125
+    gap = paired_context_gap(subject_keys, subject_hits, prior_keys, prior_hits)
+    assert gap["clusters"] == 2
+    assert gap["gap"] == pytest.approx(12.5)
+    # differences 37.5 and -12.5 points: sample std 35.36, over sqrt(2)
+    assert gap["stderr"] == pytest.approx(25.0)
+
+
 def test_a_claim_holds_only_beyond_two_standard_errors():
     from moa.synthworld.report import accuracy_gap, claims
 
     gap, error = accuracy_gap(0.5, 100, 0.4, 100)
     assert gap == pytest.approx(10.0) and error == pytest.approx(100 * (0.25 / 100 + 0.24 / 100) ** 0.5)
     variant = {"identity_accuracy": 0.33, "identity_accuracy_of_prior_images": 0.28, "identity_decisions": 320,
-               "context_accuracy": 0.5, "context_decisions": 256, "prior_context_accuracy": 0.5,
-               "prior_context_decisions": 64}
+               "context_accuracy": 0.5, "prior_context_accuracy": 0.5,
+               "context_gap": {"gap": 0.0, "stderr": 2.6, "clusters": 16}}
     judges = {"vae_reconstructions": {f"attribute/{name}": 0.8 for name in
                                       ("skin", "hair_colour", "hair_style", "shirt_colour", "shirt_pattern")}}
 
@@ -139,10 +156,10 @@ def test_a_claim_holds_only_beyond_two_standard_errors():
     rows = verdicts(variant)
     # +5 points on 320 decisions: above one standard error (3.7), below two
     assert rows["identity: MoA vs the prior's own images judged against the same subjects"] == "**no**"
-    # equal accuracies, but 64 prior decisions leave an interval wider than +-5 points
+    # equal accuracies, but a paired standard error of 2.6 points leaves an interval wider than +-5 points
     assert rows["prior preservation: context accuracy, MoA vs the prior's own images"] == "**no**"
-    variant |= {"identity_decisions": 20000, "identity_accuracy": 0.35, "context_decisions": 40000,
-                "prior_context_decisions": 40000}
+    variant |= {"identity_decisions": 20000, "identity_accuracy": 0.35,
+                "context_gap": {"gap": -1.0, "stderr": 1.9, "clusters": 16}}
     rows = verdicts(variant)
     assert rows["identity: MoA vs the prior's own images judged against the same subjects"] == "yes"
     assert rows["prior preservation: context accuracy, MoA vs the prior's own images"] == "yes"

@@ -151,6 +151,24 @@ def identity_hits(judges, keyed_images: dict, subject_of) -> torch.Tensor:
     return (read[:, identity_columns] == truth[:, identity_columns]).float()
 
 
+def paired_context_gap(subject_keys: list, subject_hits: torch.Tensor, prior_keys: list,
+                       prior_hits: torch.Tensor) -> dict:
+    """Context accuracy of the subject images minus the prior's own image of the same prompt and seed,
+    paired: subject_keys (word, i, c, seed) with subject_hits (n, 4), prior_keys (word, c, seed) with
+    prior_hits (m, 4). Every subject image of one (word, c, seed) shares that prior image and its
+    starting noise, so the images are not independent draws: the standard error comes from the
+    per-prompt-and-seed mean differences (one cluster each), not from a binomial count.
+
+    Returns ``gap`` (points), its ``stderr`` (points) and the number of ``clusters``."""
+    prior_row = {key: row for key, row in zip(prior_keys, prior_hits)}
+    clusters: dict[tuple, list] = {}
+    for (word, _, c, seed), hits in zip(subject_keys, subject_hits):
+        clusters.setdefault((word, c, seed), []).append(hits.mean() - prior_row[(word, c, seed)].mean())
+    differences = torch.stack([torch.stack(values).mean() for values in clusters.values()])
+    stderr = differences.std() / len(differences) ** 0.5 if len(differences) > 1 else torch.tensor(float("nan"))
+    return {"gap": 100 * differences.mean().item(), "stderr": 100 * stderr.item(), "clusters": len(differences)}
+
+
 def score_variant(images: dict, subjects, contexts, judges, cfg) -> dict:
     """Identity, context and disentanglement of one variant's images, judged. images: {"subject":
     generate_subjects' images, "prior": generate_prior's}."""
@@ -166,17 +184,18 @@ def score_variant(images: dict, subjects, contexts, judges, cfg) -> dict:
     prior_as_subject = {(w, i, c, s): images["prior"][(w, c, s)] for (w, i, c, s) in images["subject"]}
     prior_hits = identity_hits(judges, prior_as_subject, lambda k: subjects[k[0]][k[1]])
     subject_context_hits = context_hits(images["subject"], lambda k: k[2])
+    prior_context_hits = context_hits(images["prior"], lambda k: k[1])
     results = {
         "identity_accuracy": subject_hits.mean().item(),
         "identity_accuracy_per_attribute": dict(zip(IDENTITY_ATTRIBUTES, subject_hits.mean(0).tolist())),
         "identity_accuracy_of_prior_images": prior_hits.mean().item(),
         "context_accuracy": subject_context_hits.mean().item(),
         "context_accuracy_per_factor": dict(zip(CONTEXT, subject_context_hits.mean(0).tolist())),
-        "prior_context_accuracy": context_hits(images["prior"], lambda k: k[1]).mean().item(),
+        "prior_context_accuracy": prior_context_hits.mean().item(),
+        "context_gap": paired_context_gap(list(images["subject"]), subject_context_hits, list(images["prior"]),
+                                          prior_context_hits),
         # judged decisions behind each accuracy, for its standard error
         "identity_decisions": subject_hits.numel(),
-        "context_decisions": len(images["subject"]) * len(CONTEXT),
-        "prior_context_decisions": len(images["prior"]) * len(CONTEXT),
     }
 
     # Swap subject i for subject i+1 (same word, prompt and seed), and subject vs prior-only.

@@ -58,11 +58,12 @@ def claims(results: dict) -> list[tuple[str, str, str, str]]:
                      "<= 0.5x", _yes(ratio <= 0.5)))
     for name, r in (("MoA", moa), ("no_moa", no_moa)):
         if r:
-            gap, error = accuracy_gap(r["context_accuracy"], r["context_decisions"], r["prior_context_accuracy"],
-                                      r["prior_context_decisions"])
+            # paired: each subject image against the prior's image of the same prompt and seed
+            gap, error, clusters = (r["context_gap"][k] for k in ("gap", "stderr", "clusters"))
             rows.append((f"prior preservation: context accuracy, {name} vs the prior's own images",
                          f"{100 * r['context_accuracy']:.1f}% vs {100 * r['prior_context_accuracy']:.1f}% "
-                         f"({gap:+.1f} +- {error:.1f} points)", "within 5 points" if name == "MoA" else "(comparison)",
+                         f"({gap:+.1f} +- {error:.1f} points, paired over {clusters} prompts x seeds)",
+                         "within 5 points" if name == "MoA" else "(comparison)",
                          _yes(abs(gap) + 2 * error <= 5) if name == "MoA" else "-"))
     if moa:
         chance, ceiling = results["chance_identity_accuracy"], identity_ceiling(results)
