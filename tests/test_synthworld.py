@@ -99,6 +99,13 @@ def test_the_whole_reproduction_runs_end_to_end_and_resumes(tmp_path):
     assert "stage synth_moa: already done" in log
     assert time.perf_counter() - start < 60
 
+    # variants=[]: the prior alone, measured (its gates, sensitivity, the judges), no stage 2
+    subprocess.run([*command[:-1], "variants=[]"], cwd=REPO, check=True, capture_output=True)
+    results = json.loads((out / "results.json").read_text())
+    assert results["variants"] == {} and 0 <= results["prior_gates"]["context_accuracy"] <= 1
+    report = (out / "results.md").read_text()
+    assert "Prior, its own images" in report and "## Per variant" not in report
+
 
 @pytest.mark.parametrize("override, message", [("prior=nope", "prior='nope'"),
                                                ("variants=[synth_moa,synth_typo]", "synth_typo"),

@@ -273,15 +273,21 @@ def evaluate_variants(cfg: DictConfig, out: Path, world: Path, prior: str, image
                "protocol": {"subjects": {w: [s.image_id for s in people] for w, people in subjects.items()},
                             "contexts": contexts, "seeds": seeds, "num_inference_steps": cfg.eval.num_inference_steps,
                             "guidance_scale": cfg.eval.guidance_scale, "scheduler": cfg.eval.scheduler}}
-    prior_images = None
-    for variant, moa_weights in weights.items():
+
+    def pipeline(moa_weights: Path | None) -> tuple[MoAModel, MoAPipeline]:
         model = MoAModel.from_pretrained(prior, image_encoder, moa_weights=moa_weights)
         pipe = MoAPipeline.from_moa_model(model, scheduler_from_name(cfg.eval.scheduler, model.noise_scheduler.config))
         pipe.set_progress_bar_config(disable=True)
-        if prior_images is None:  # without subjects every variant is the same prior, exactly
-            prior_images = generate_prior(pipe, list(subjects), contexts, seeds, cfg)
-            results["prior_sensitivity"] = prior_sensitivity(prior_images)
-            results["prior_gates"] = prior_gates(pipe, judges, cfg, subjects)
+        return model, pipe
+
+    # Without subjects every variant is the prior, exactly: its images and gates come from the
+    # untrained MoA model once (so ``variants=[]`` measures a prior alone).
+    _, pipe = pipeline(None)
+    prior_images = generate_prior(pipe, list(subjects), contexts, seeds, cfg)
+    results["prior_sensitivity"] = prior_sensitivity(prior_images)
+    results["prior_gates"] = prior_gates(pipe, judges, cfg, subjects)
+    for variant, moa_weights in weights.items():
+        model, pipe = pipeline(moa_weights)
         subject_images, router = generate_subjects(pipe, subjects, contexts, seeds, cfg)
         images = {"subject": subject_images, "prior": prior_images, "router": router}
         # The same prompts with identities stage 2 trained on (their own reference renders): if these

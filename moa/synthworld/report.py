@@ -123,7 +123,36 @@ def write_report(out: Path, results: dict, timings: dict) -> None:
     write_text(out / "results.json", json.dumps({**results, "timings_seconds": timings}, indent=2) + "\n")
     lines = ["# SynthWorld results", "", "| claim | measured | target | holds |", "| --- | --- | --- | --- |"]
     lines += [f"| {c} | {m} | {t} | {h} |" for c, m, t, h in claims(results)]
-    lines += ["", "## Per variant", "",
+    if results["variants"]:  # variants=[]: the report of a prior alone (its gates and the judges)
+        lines += variant_section(results)
+    nan, sensitivity = float("nan"), results.get("prior_sensitivity", {})
+    lines += ["", "Prior's sensitivity to its prompt (mean abs pixel change at the same seed): person word "
+              f"man -> woman {sensitivity.get('word_change_mae', nan):.4f}, context -> another context "
+              f"{sensitivity.get('context_change_mae', nan):.4f}."]
+    lines += stage1_section(results)
+    calibration = results["judges"]
+    lines += ["", "## Judges on the world's test split", "",
+              "Renders: the scenes (context, segmenter) and every person cut from a scene or from their reference "
+              "render (attributes). VAE reconstructions: the same scenes through the prior's VAE, people re-cut "
+              "from them at their true masks: the best a generation decoded by that VAE could score.", "",
+              "| judge | renders | VAE reconstructions |", "| --- | --- | --- |"]
+    for key, value in calibration["renders"].items():
+        through = calibration["vae_reconstructions"].get(key)
+        lines.append(f"| {key} | {value:.3f} | {'' if through is None else f'{through:.3f}'} |")
+    stages = {k: v for k, v in timings.items() if k != "this_invocation"}
+    lines += ["", "## Wall time (seconds)", "", "| stage | seconds |", "| --- | --- |"]
+    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in stages.items()]
+    lines += [f"| **all stages** | **{sum(stages.values()):.0f}** ({sum(stages.values()) / 60:.1f} min) |"]
+    lines += ["", "Figures: `fig7_<variant>.png` (first row per word: prior-only; then each test subject, its "
+              "reference image at the left, same prompts and seeds), `router_maps_<variant>.png`, "
+              "`router_separation.png` (router prior weight on background and subject pixels over training)."]
+    write_text(out / "results.md", "\n".join(lines) + "\n")
+    write_router_curves(out / "router_separation.png", results)
+
+
+def variant_section(results: dict) -> list[str]:
+    """Per-variant numbers, the judges' spread and identity accuracy per attribute."""
+    lines = ["", "## Per variant", "",
               "| variant | identity acc. | identity acc. of prior images | context acc. | prior context acc. | "
               "swap: MAE outside / inside | vs prior-only: MAE outside / inside | router prior weight: "
               "background / subject (end of training) |",
@@ -147,34 +176,12 @@ def write_report(out: Path, results: dict, timings: dict) -> None:
             lines.append(f"| {variant} | " + " | ".join(
                 f"{r[k]:.3f} vs {other[k]:.3f}" for k in ("identity_accuracy", "context_accuracy",
                                                           "prior_context_accuracy")) + " |")
-    sensitivity = results.get("prior_sensitivity", {})
-    lines += ["", "Prior's sensitivity to its prompt (mean abs pixel change at the same seed): person word "
-              f"man -> woman {sensitivity.get('word_change_mae', nan):.4f}, context -> another context "
-              f"{sensitivity.get('context_change_mae', nan):.4f}."]
     lines += ["", "Identity accuracy per attribute:", "",
               "| variant | " + " | ".join(next(iter(results["variants"].values()))["identity_accuracy_per_attribute"]) + " |",
               "| --- |" + " --- |" * 5]
     for variant, r in results["variants"].items():
         lines.append(f"| {variant} | " + " | ".join(f"{v:.3f}" for v in r["identity_accuracy_per_attribute"].values()) + " |")
-    lines += stage1_section(results)
-    calibration = results["judges"]
-    lines += ["", "## Judges on the world's test split", "",
-              "Renders: the scenes (context, segmenter) and every person cut from a scene or from their reference "
-              "render (attributes). VAE reconstructions: the same scenes through the prior's VAE, people re-cut "
-              "from them at their true masks: the best a generation decoded by that VAE could score.", "",
-              "| judge | renders | VAE reconstructions |", "| --- | --- | --- |"]
-    for key, value in calibration["renders"].items():
-        through = calibration["vae_reconstructions"].get(key)
-        lines.append(f"| {key} | {value:.3f} | {'' if through is None else f'{through:.3f}'} |")
-    stages = {k: v for k, v in timings.items() if k != "this_invocation"}
-    lines += ["", "## Wall time (seconds)", "", "| stage | seconds |", "| --- | --- |"]
-    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in stages.items()]
-    lines += [f"| **all stages** | **{sum(stages.values()):.0f}** ({sum(stages.values()) / 60:.1f} min) |"]
-    lines += ["", "Figures: `fig7_<variant>.png` (first row per word: prior-only; then each test subject, its "
-              "reference image at the left, same prompts and seeds), `router_maps_<variant>.png`, "
-              "`router_separation.png` (router prior weight on background and subject pixels over training)."]
-    write_text(out / "results.md", "\n".join(lines) + "\n")
-    write_router_curves(out / "router_separation.png", results)
+    return lines
 
 
 def stage1_section(results: dict) -> list[str]:
