@@ -160,7 +160,7 @@ def paired_context_gap(subject_keys: list, subject_hits: torch.Tensor, prior_key
     per-prompt-and-seed mean differences (one cluster each), not from a binomial count.
 
     Returns ``gap`` (points), its ``stderr`` (points) and the number of ``clusters``."""
-    prior_row = {key: row for key, row in zip(prior_keys, prior_hits)}
+    prior_row = dict(zip(prior_keys, prior_hits))
     clusters: dict[tuple, list] = {}
     for (word, _, c, seed), hits in zip(subject_keys, subject_hits):
         clusters.setdefault((word, c, seed), []).append(hits.mean() - prior_row[(word, c, seed)].mean())
