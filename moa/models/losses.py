@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from torch import nn
 
 from moa.models.inputs import pixel_map_to_grid
@@ -14,6 +15,15 @@ def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     return noise
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023; diffusers' ``--snr_gamma``), (batch,):
+    ``min(SNR, gamma) / SNR`` for noise prediction, ``/ (SNR + 1)`` for v-prediction. Low-noise steps,
+    whose easy targets otherwise dominate the gradient, are down-weighted to the level of ``gamma``."""
+    snr = compute_snr(scheduler, timesteps)
+    denominator = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    return snr.clamp(max=gamma) / denominator
 
 
 def latent_union_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

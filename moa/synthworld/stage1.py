@@ -29,6 +29,7 @@ from transformers import CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
 from moa.data.datamodule import ResumableStreamSampler
 from moa.data.transforms import SubjectImageSpec, empty_caption_ids
+from moa.models.losses import min_snr_weights
 from moa.pretrained import check_pretrained_path
 from moa.seeding import step_generator
 from moa.synthworld.world import describe_identity, subject_crops
@@ -86,20 +87,27 @@ class PriorLitModule(pl.LightningModule):
         base_model: a diffusers Stable Diffusion folder whose VAE is already trained (``VAELitModule``).
         optimizer: factory ``params -> Optimizer``.
         caption_dropout: probability of training on the empty caption (classifier-free guidance).
+        snr_gamma: min-SNR loss weighting (``min_snr_weights``); None: the plain noise MSE.
+
+    A moving average of the weights is Lightning's ``EMAWeightAveraging`` callback (``+callbacks.ema``):
+    the export then holds the average.
     """
 
-    def __init__(self, *, base_model: str, optimizer: Callable, caption_dropout: float = 0.1, seed: int = 0):
+    def __init__(self, *, base_model: str, optimizer: Callable, caption_dropout: float = 0.1,
+                 snr_gamma: float | None = None, seed: int = 0):
         super().__init__()
         check_pretrained_path(base_model, option="model.base_model", expect="a diffusers Stable Diffusion folder")
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"model.snr_gamma={snr_gamma}: expected null or a positive number")
         self.base_model, self.optimizer_factory = base_model, optimizer
-        self.caption_dropout, self.seed = caption_dropout, seed
+        self.caption_dropout, self.snr_gamma, self.seed = caption_dropout, snr_gamma, seed
         self.unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
         self.text_encoder = CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder")
         self.vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae").requires_grad_(False).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer")
         self.noise_scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
         self.register_buffer("empty_input_ids", empty_caption_ids(self.tokenizer), persistent=False)
-        self.save_hyperparameters({"caption_dropout": caption_dropout, "seed": seed})
+        self.save_hyperparameters({"caption_dropout": caption_dropout, "snr_gamma": snr_gamma, "seed": seed})
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -121,7 +129,10 @@ class PriorLitModule(pl.LightningModule):
         input_ids = torch.where(keep[:, None], batch["input_ids"], self.empty_input_ids)
         text = self.text_encoder(input_ids)[0]
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        loss = F.mse_loss(self.unet(noisy, timesteps, text).sample, noise)
+        per_sample = (self.unet(noisy, timesteps, text).sample - noise).pow(2).mean(dim=(1, 2, 3))
+        if self.snr_gamma is not None:
+            per_sample = per_sample * min_snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)
+        loss = per_sample.mean()
         self.log("train/loss", loss, batch_size=pixels.shape[0])
         return loss
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 
 from moa.data.transforms import empty_caption_ids
 from moa.models.losses import (
@@ -20,6 +20,7 @@ from moa.models.losses import (
     RouterLoss,
     denoising_target,
     latent_union_mask,
+    min_snr_weights,
 )
 from moa.models.model import MoAModel
 from moa.models.unet import loss_layer_names
@@ -265,11 +266,8 @@ class MoALitModule(pl.LightningModule):
         # Every annotated person is reconstructed; only the subjects actually given are the router's foreground.
         foreground = latent_union_mask(batch["subject_masks"] * batch["subject_valid"][..., None, None], latent_size)
         masks = batch["subject_masks"] * subject_valid[..., None, None]
-        sample_weights = None
-        if self.snr_gamma is not None:
-            snr = compute_snr(model.noise_scheduler, timesteps)
-            clipped = snr.clamp(max=self.snr_gamma)
-            sample_weights = clipped / (snr + 1 if model.noise_scheduler.config.prediction_type == "v_prediction" else snr)
+        sample_weights = None if self.snr_gamma is None else min_snr_weights(model.noise_scheduler, timesteps,
+                                                                              self.snr_gamma)
         losses = {"masked": self.masked_loss(prediction, target, foreground, sample_weights)}
         stats = {}
         total = losses["masked"]
