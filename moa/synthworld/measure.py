@@ -253,6 +253,7 @@ def prior_gates(pipe, judges, cfg, subjects) -> dict:
     described = generate_described(pipe, subjects, contexts[:cfg.eval.contexts], list(range(cfg.eval.seeds)), cfg)
     described_hits = identity_hits(judges, described, lambda k: subjects[k[0]][k[1]])
     return {"described_identity_accuracy": described_hits.mean().item(),
+            "described_identity_accuracy_per_attribute": dict(zip(IDENTITY_ATTRIBUTES, described_hits.mean(0).tolist())),
             "described_identity_decisions": described_hits.numel(),
             "context_accuracy": context_hits.mean().item(),
             "context_accuracy_per_factor": dict(zip(CONTEXT, context_hits.mean(0).tolist())),

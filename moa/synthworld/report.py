@@ -210,8 +210,11 @@ def stage1_section(results: dict) -> list[str]:
         if "described_identity_accuracy" in gates:
             lines.append(f"| identity attributes of the held-out subjects *named in the prompt*, read back "
                          f"({gates['described_identity_decisions']} decisions) | "
-                         f"{100 * gates['described_identity_accuracy']:.1f}% (chance "
-                         f"{100 * results['chance_identity_accuracy']:.1f}%) | (what the text path draws; no gate) | - |")
+                         f"{100 * gates['described_identity_accuracy']:.1f}% ("
+                         + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
+                                     gates.get("described_identity_accuracy_per_attribute", {}).items())
+                         + f"; chance {100 * results['chance_identity_accuracy']:.1f}%) | (what the text path draws; "
+                         "no gate) | - |")
     return lines
 
 
