@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from moa.models.inputs import pixel_map_to_grid
-from moa.models.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss
+from moa.models.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss, min_snr_weights
 
 
 def test_masked_loss_counts_foreground_only_and_normalises_by_area():
@@ -13,6 +14,19 @@ def test_masked_loss_counts_foreground_only_and_normalises_by_area():
     mask = torch.tensor([[[[0.0, 0.0], [0.0, 1.0]]]])
     # foreground pixel (1, 1): squared errors 16 and 4 over 1 pixel x 2 channels
     assert MaskedDenoisingLoss()(prediction, target, mask).item() == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_are_the_clipped_snr_over_the_snr_by_hand(prediction_type):
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 100, 500, 999])
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)  # signal over noise variance; > 5 early, < 5 late
+    gamma = 5.0
+    denominator = snr + 1 if prediction_type == "v_prediction" else snr
+    expected = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / denominator
+    assert snr[0] > gamma > snr[-1], "the timesteps must straddle gamma for the test to mean anything"
+    torch.testing.assert_close(min_snr_weights(scheduler, timesteps, gamma).double(), expected, rtol=1e-5, atol=0)
 
 
 def test_router_loss_pushes_background_to_prior_and_leaves_foreground_free():

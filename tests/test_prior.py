@@ -1,9 +1,12 @@
 """SynthWorld stage 1: the tiny prior is trained by the same framework and exports a base model."""
 
+import functools
+
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from moa.models.model import MoAModel
+from moa.synthworld.stage1 import PriorLitModule
 from moa.training.run import train
 
 
@@ -22,3 +25,36 @@ def test_vae_then_prior_stages_export_a_base_model_moa_can_use(compose_cfg, tmp_
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     model = MoAModel.from_pretrained(prior_dir, tiny_dir / "clip")
     assert torch.equal(model.vae.encoder.conv_in.weight, after.encoder.conv_in.weight)  # the VAE stayed frozen
+
+
+def test_prior_min_snr_weighting_is_exact_at_infinite_gamma_and_down_weights_below(tiny_dir):
+    base = tiny_dir / "stable-diffusion"
+    generator = torch.Generator().manual_seed(0)
+    batch = {"pixel_values": torch.rand(3, 3, 64, 64, generator=generator) * 2 - 1,
+             "input_ids": torch.randint(0, 100, (3, 77), generator=generator)}
+
+    def loss(snr_gamma):
+        module = PriorLitModule(base_model=str(base), optimizer=functools.partial(torch.optim.AdamW), snr_gamma=snr_gamma)
+        with torch.no_grad():
+            return module.training_step(batch, 0)
+
+    plain = loss(None)
+    torch.testing.assert_close(loss(1e12), plain, rtol=1e-6, atol=0)
+    assert loss(1e-3) < 0.1 * plain, "gamma below every SNR must shrink every sample's weight"
+
+
+def test_prior_with_the_ema_callback_exports_the_averaged_weights(compose_cfg, tmp_path, tiny_dir):
+    export = tmp_path / "prior"
+    _, run = train(compose_cfg(
+        "model=prior", "callbacks=checkpoints", "callbacks.model_checkpoint.every_n_train_steps=3", "trainer.max_steps=3", "data.batch_size=2", "model.snr_gamma=5",
+        "model.optimizer.lr=1e-2", f"base_model={tiny_dir}/stable-diffusion", f"export_dir={export}",
+        "+callbacks.ema._target_=pytorch_lightning.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.5",
+        "+callbacks.ema.use_buffers=false", out=tmp_path / "run"))
+    # The step-3 checkpoint is written as the step ends, before the callback copies the average into the model.
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "step_0000003.ckpt", weights_only=True,
+                            map_location="cpu")
+    key = "unet.conv_in.weight"
+    averaged, current = checkpoint["state_dict"][key], checkpoint["current_model_state"][key]
+    assert not torch.allclose(averaged, current), "three steps at lr 1e-2 must leave the average behind the weights"
+    exported = UNet2DConditionModel.from_pretrained(export, subfolder="unet").conv_in.weight
+    torch.testing.assert_close(exported, averaged, rtol=0, atol=0)
