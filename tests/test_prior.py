@@ -34,7 +34,8 @@ def test_prior_min_snr_weighting_is_exact_at_infinite_gamma_and_down_weights_bel
              "input_ids": torch.randint(0, 100, (3, 77), generator=generator)}
 
     def loss(snr_gamma):
-        module = PriorLitModule(base_model=str(base), optimizer=functools.partial(torch.optim.AdamW), snr_gamma=snr_gamma)
+        module = PriorLitModule(base_model=str(base), optimizer=functools.partial(torch.optim.AdamW),
+                                snr_gamma=snr_gamma)
         with torch.no_grad():
             return module.training_step(batch, 0)
 
@@ -45,9 +46,10 @@ def test_prior_min_snr_weighting_is_exact_at_infinite_gamma_and_down_weights_bel
 
 def test_prior_with_the_ema_callback_exports_the_averaged_weights(compose_cfg, tmp_path, tiny_dir):
     export = tmp_path / "prior"
-    _, run = train(compose_cfg(
-        "model=prior", "callbacks=checkpoints", "callbacks.model_checkpoint.every_n_train_steps=3", "trainer.max_steps=3", "data.batch_size=2", "model.snr_gamma=5",
-        "model.optimizer.lr=1e-2", f"base_model={tiny_dir}/stable-diffusion", f"export_dir={export}",
+    train(compose_cfg(
+        "model=prior", "callbacks=checkpoints", "callbacks.model_checkpoint.every_n_train_steps=3",
+        "trainer.max_steps=3", "data.batch_size=2", "model.snr_gamma=5", "model.optimizer.lr=1e-2",
+        f"base_model={tiny_dir}/stable-diffusion", f"export_dir={export}",
         "+callbacks.ema._target_=pytorch_lightning.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.5",
         "+callbacks.ema.use_buffers=false", out=tmp_path / "run"))
     # The step-3 checkpoint is written as the step ends, before the callback copies the average into the model.
