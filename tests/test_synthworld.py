@@ -109,7 +109,8 @@ def test_the_whole_reproduction_runs_end_to_end_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("override, message", [("prior=nope", "prior='nope'"),
                                                ("variants=[synth_moa,synth_typo]", "synth_typo"),
-                                               ("prior_described_fraction=1.5", "prior_described_fraction=1.5")])
+                                               ("prior_described_fraction=1.5", "prior_described_fraction=1.5"),
+                                               ("world_head_scale=0", "world_head_scale=0")])
 def test_bad_choices_are_named_before_any_work(tmp_path, override, message):
     result = subprocess.run([sys.executable, "-m", "moa.synthworld", "scale=smoke", f"out={tmp_path}", override],
                             cwd=REPO, capture_output=True, text=True)
@@ -221,6 +222,42 @@ def test_described_scenes_are_the_same_scenes_with_their_people_named(tmp_path):
                 assert b["caption"][:segment["end"]].endswith(identity["word"])
                 assert b["caption"][segment["end"]:].startswith(" " + identity_details(identity))
     assert 10 <= named <= 30
+
+
+def test_larger_heads_show_more_skin_in_a_figure_of_the_same_height():
+    """head_scale grows the head inside the same figure: the figure's extent is unchanged, the head's
+    skin covers head_scale**2 as many pixels, the shirt as many as before."""
+    import random
+
+    from moa.synthworld.world import SHIRT_COLOUR, SKIN, Identity, render_reference
+
+    identity = Identity("man", "dark", "black", "bald", "yellow", "plain")
+    renders = {scale: render_reference(random.Random(0), identity, size=128, head_scale=scale) for scale in (1.0, 1.5)}
+
+    def pixels_of(image, colour):
+        return int((np.abs(np.asarray(image, dtype=np.int32) - colour).sum(-1) < 12).sum())
+
+    (small, small_mask), (large, large_mask) = renders[1.0], renders[1.5]
+    rows = [np.nonzero(mask.any(1))[0] for mask in (small_mask, large_mask)]
+    assert rows[0].min() == rows[1].min() and rows[0].max() == rows[1].max()
+    skin = [pixels_of(image, SKIN["dark"]) for image in (small, large)]
+    assert 1.5 < skin[1] / skin[0] < 2.6, skin  # arms are skin too, so a little under 1.5**2
+    shirt = [pixels_of(image, SHIRT_COLOUR["yellow"]) for image in (small, large)]
+    assert abs(shirt[1] - shirt[0]) <= 0.05 * shirt[0], shirt
+
+
+def test_a_resumed_reproduction_refuses_a_world_written_with_other_options(tmp_path):
+    """Re-running the command resumes on ``out``'s world: with another world_head_scale it must stop,
+    naming the file and the option, not train on the old world's scenes."""
+    from moa.synthworld.world import write_synthetic_ffhq
+
+    write_synthetic_ffhq(tmp_path / "world", num_samples=8, size=32, seed=0)
+    assert json.loads((tmp_path / "world" / "world.json").read_text())["head_scale"] == 1.0
+    result = subprocess.run([sys.executable, "-m", "moa.synthworld", "scale=smoke", f"out={tmp_path}",
+                             "world_head_scale=1.5"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "world.json" in result.stdout + result.stderr and "'head_scale': (1.0, 1.5)" in result.stdout + result.stderr
+    assert not (tmp_path / "judges").exists() and not (tmp_path / "synth_moa").exists()
 
 
 def test_identity_captions_name_every_visible_attribute():

@@ -75,7 +75,7 @@ def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> t
 
         prior_world = world.with_name("world_described")
         write_synthetic_ffhq(prior_world, num_samples=cfg.scale.world_samples, size=IMAGE_SIZE, seed=cfg.seed,
-                             described_fraction=cfg.prior_described_fraction)
+                             described_fraction=cfg.prior_described_fraction, head_scale=cfg.world_head_scale)
         run_stage("stage1_prior", [*common, f"embedded.data_root={prior_world}", "experiment=synth_prior",
                                    f"hydra.run.dir={out}/stage1_prior", f"base_model={out}/vae",
                                    f"export_dir={out}/prior"], out / "prior" / "model_index.json", timings)
@@ -101,11 +101,26 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"prior={cfg.prior!r}: expected 'train', 'committed' or a diffusers Stable Diffusion folder")
     if cfg.judges not in ("auto", "train", "committed"):
         raise ConfigError(f"judges={cfg.judges!r}: expected 'auto', 'train' or 'committed'")
-    check_ranges(cfg, {"prior_described_fraction": Range(False, 0.0, 1.0, "a share of scenes in [0, 1]")})
+    check_ranges(cfg, {"prior_described_fraction": Range(False, 0.0, 1.0, "a share of scenes in [0, 1]"),
+                       "world_head_scale": Range(False, 0.5, 2.0, "a head size factor in (0.5, 2]", above_low=True)})
     experiments = Path(CONFIG_DIR) / "experiment"
     unknown = [v for v in cfg.variants if not (experiments / f"{v}.yaml").exists()]
     if unknown:
         raise ConfigError(f"variants: {unknown} are not experiments in {experiments}")
+
+
+def check_world_reuse(world: Path, asked: dict) -> None:
+    """A resumed run reuses ``world`` (and every stage trained on it): refuse one written with other
+    options. Worlds from before ``world.json`` existed are not checked."""
+    from moa.synthworld.world import WORLD_FILE
+
+    if not (world / WORLD_FILE).exists():
+        return
+    written = json.loads((world / WORLD_FILE).read_text())
+    differing = {key: (written[key], value) for key, value in asked.items() if key in written and written[key] != value}
+    if differing:
+        raise ConfigError(f"{world / WORLD_FILE}: this run's world was written with other options, "
+                          f"(written, asked): {differing}; use another out= or delete {world.parent}")
 
 
 def reproduce(cfg: DictConfig) -> dict:
@@ -122,8 +137,14 @@ def reproduce(cfg: DictConfig) -> dict:
     timings = Timings(out / "timings.json")
     start = time.perf_counter()
     world = out / "world"
+    asked = {"num_samples": cfg.scale.world_samples, "seed": cfg.seed, "head_scale": cfg.world_head_scale}
+    check_world_reuse(world, asked)
+    if cfg.prior == "train":
+        check_world_reuse(world.with_name("world_described"),
+                          asked | {"described_fraction": cfg.prior_described_fraction})
     if not (world / "image_ids.txt").exists():
-        write_synthetic_ffhq(world, num_samples=cfg.scale.world_samples, size=IMAGE_SIZE, seed=cfg.seed)
+        write_synthetic_ffhq(world, num_samples=cfg.scale.world_samples, size=IMAGE_SIZE, seed=cfg.seed,
+                             head_scale=cfg.world_head_scale)
         timings.record("world", time.perf_counter() - start)
     prior, image_encoder, weights = train_models(cfg, out, world, timings)
 

@@ -46,6 +46,8 @@ PERSON_SEGMENTS = range(10, 20)
 OBJECT_SEGMENT = 20
 # derived_seed stream of the described-caption draws (the per-sample reference streams use 0..num_samples-1).
 DESCRIBED_STREAM = 10**9
+# The arguments a world folder was written with (write_synthetic_ffhq's), read back by a resumed run.
+WORLD_FILE = "world.json"
 # Scene size of the SynthWorld reproduction (the tiny prior's resolution; the embedded default renders larger).
 IMAGE_SIZE = 64
 
@@ -85,11 +87,14 @@ class Identity:
 
 
 def _draw_person(canvas: ImageDraw.ImageDraw, labels: ImageDraw.ImageDraw, identity: Identity, *, cx: float,
-                 ground: float, height: float, segment_id: int, arm_up: bool) -> tuple[float, float]:
-    """Draw one figure standing on ``ground`` and return where its hand is."""
-    head_r = height * 0.13
+                 ground: float, height: float, segment_id: int, arm_up: bool, head_scale: float = 1.0
+                 ) -> tuple[float, float]:
+    """Draw one figure standing on ``ground`` and return where its hand is. ``head_scale`` enlarges the
+    head (skin and hair); the torso keeps its size and the legs shorten, so the figure's height, and
+    with it how often a head leaves the canvas, stays the same."""
+    head_r = height * 0.13 * head_scale
     head_cy = ground - height + head_r
-    body_top, body_bottom = head_cy + head_r, ground - height * 0.35
+    body_top, body_bottom = head_cy + head_r, ground - height * (0.35 - 0.26 * (head_scale - 1.0))
     half_w = height * (0.17 if identity.word == "man" else 0.14)
     skin, shirt = SKIN[identity.skin], SHIRT_COLOUR[identity.shirt_colour]
     shapes = []
@@ -129,8 +134,8 @@ def _draw_person(canvas: ImageDraw.ImageDraw, labels: ImageDraw.ImageDraw, ident
     return hand
 
 
-def render_scene(rng: random.Random, identities: list[Identity], *, size: int, described: bool = False
-                 ) -> tuple[Image.Image, np.ndarray, dict]:
+def render_scene(rng: random.Random, identities: list[Identity], *, size: int, described: bool = False,
+                 head_scale: float = 1.0) -> tuple[Image.Image, np.ndarray, dict]:
     """One scene: image, segment map and FFHQ-wild annotation for ``identities`` (1 or 2 people).
     ``described``: the caption names each person's identity attributes (``identity_details``)."""
     place = rng.choice(list(BACKGROUNDS))
@@ -151,7 +156,8 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int, d
         ground = min(size - 1.0, horizon + size * rng.uniform(0.15, 0.4) + (height - size * 0.55) * 0.3)
         cx = size * (slots[index] + rng.uniform(0.6, 1.4)) / (len(identities) * 2 + 1)
         person_hand = _draw_person(canvas, labels, identity, cx=cx, ground=ground, height=height,
-                                   segment_id=PERSON_SEGMENTS[index], arm_up=holds and index == 0)
+                                   segment_id=PERSON_SEGMENTS[index], arm_up=holds and index == 0,
+                                   head_scale=head_scale)
         hand = hand or person_hand
     obj_r = size * 0.07
     ox, oy = hand if holds else (size * rng.uniform(0.1, 0.9), size * rng.uniform(0.75, 0.9))
@@ -215,13 +221,15 @@ def compose_caption(words: list[str], context: dict, details: list[str] | None =
 STUDIO_BACKGROUNDS = ((128, 128, 128), (70, 90, 140), (230, 230, 225), (150, 120, 160))
 
 
-def render_reference(rng: random.Random, identity: Identity, *, size: int) -> tuple[Image.Image, np.ndarray]:
+def render_reference(rng: random.Random, identity: Identity, *, size: int, head_scale: float = 1.0
+                     ) -> tuple[Image.Image, np.ndarray]:
     """The subject alone, in another pose and on a studio background: an identity image that shares
     neither the target's pose nor its context. Segment map: 1 on the figure, 0 elsewhere."""
     image = Image.new("RGB", (size, size), rng.choice(STUDIO_BACKGROUNDS))
     segmap = Image.new("I", (size, size), 0)
     _draw_person(ImageDraw.Draw(image), ImageDraw.Draw(segmap), identity, cx=size * rng.uniform(0.4, 0.6),
-                 ground=size * 0.95, height=size * rng.uniform(0.75, 0.9), segment_id=1, arm_up=rng.random() < 0.5)
+                 ground=size * 0.95, height=size * rng.uniform(0.75, 0.9), segment_id=1, arm_up=rng.random() < 0.5,
+                 head_scale=head_scale)
     return image, np.asarray(segmap, dtype=np.int32)
 
 
@@ -235,17 +243,21 @@ def sample_dir(root: Path, image_id: str) -> Path:
 
 def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size: int = 128, seed: int = 0,
                          two_subject_fraction: float = 0.3, test_fraction: float = 0.125,
-                         described_fraction: float = 0.0) -> Path:
+                         described_fraction: float = 0.0, head_scale: float = 1.0) -> Path:
     """Render ``num_samples`` scenes into ``root`` in the FFHQ-wild layout; atomic (temp dir + rename).
 
     ``described_fraction``: the share of scenes whose caption also names their people's identity
     attributes, as web captions sometimes describe a person (the prior's world: a prior that never read
     "red hair" has no text path that draws it). Drawn from a generator of its own, so the scenes are
-    the same whatever the fraction. Does nothing if ``root`` already holds a complete data set.
+    the same whatever the fraction. ``head_scale``: heads this much larger than the default world's
+    (``_draw_person``). The arguments are recorded in ``root/world.json``. Does nothing if ``root``
+    already holds a complete data set (training runs point at an existing world this way).
     """
     root = Path(root)
     if (root / "image_ids.txt").exists():
         return root
+    arguments = {"num_samples": num_samples, "size": size, "seed": seed, "two_subject_fraction": two_subject_fraction,
+                 "test_fraction": test_fraction, "described_fraction": described_fraction, "head_scale": head_scale}
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     rng, describe_rng = random.Random(seed), random.Random(derived_seed(seed, DESCRIBED_STREAM))
@@ -254,7 +266,8 @@ def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size
         count = 2 if rng.random() < two_subject_fraction else 1
         identities = [Identity.sample(rng) for _ in range(count)]
         described = describe_rng.random() < described_fraction
-        image, seg, annotation = render_scene(rng, identities, size=size, described=described)
+        image, seg, annotation = render_scene(rng, identities, size=size, described=described,
+                                              head_scale=head_scale)
         image_id = sample_id(index)
         folder = sample_dir(staging, image_id)
         folder.mkdir(exist_ok=True)
@@ -263,7 +276,8 @@ def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size
         for segment in annotation["segments"]:
             if segment["coco_label"] == "person":
                 slot = segment["id"] - PERSON_SEGMENTS.start
-                reference, reference_seg = render_reference(reference_rng, identities[slot], size=size)
+                reference, reference_seg = render_reference(reference_rng, identities[slot], size=size,
+                                                            head_scale=head_scale)
                 segment["reference"] = f"{image_id}_ref{slot}"
                 reference.save(folder / f"{segment['reference']}.jpg", quality=95)
                 np.save(folder / f"{segment['reference']}.npy", reference_seg)
@@ -275,6 +289,7 @@ def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size
     (staging / "image_ids.txt").write_text("\n".join(ids) + "\n")
     (staging / "image_ids_train.txt").write_text("\n".join(ids[:-num_test]) + "\n")
     (staging / "image_ids_test.txt").write_text("\n".join(ids[-num_test:]) + "\n")
+    (staging / WORLD_FILE).write_text(json.dumps(arguments, indent=2) + "\n")
     try:
         staging.rename(root)
     except OSError:  # another process finished first
