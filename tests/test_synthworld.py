@@ -110,9 +110,10 @@ def test_the_whole_reproduction_runs_end_to_end_and_resumes(tmp_path):
 @pytest.mark.parametrize("override, message", [("prior=nope", "prior='nope'"),
                                                ("variants=[synth_moa,synth_typo]", "synth_typo"),
                                                ("prior_described_fraction=1.5", "prior_described_fraction=1.5"),
-                                               ("world_head_scale=0", "world_head_scale=0")])
+                                               ("world_head_scale=0", "world_head_scale=0"),
+                                               ("prior=committed world_head_scale=1.5", "add judges=train")])
 def test_bad_choices_are_named_before_any_work(tmp_path, override, message):
-    result = subprocess.run([sys.executable, "-m", "moa.synthworld", "scale=smoke", f"out={tmp_path}", override],
+    result = subprocess.run([sys.executable, "-m", "moa.synthworld", "scale=smoke", f"out={tmp_path}", *override.split()],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0 and message in result.stdout + result.stderr
     assert not (tmp_path / "world").exists()

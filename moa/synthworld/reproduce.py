@@ -95,6 +95,10 @@ def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> t
     return prior, image_encoder, weights
 
 
+def uses_committed_judges(cfg: DictConfig) -> bool:
+    return cfg.judges == "committed" or (cfg.judges == "auto" and cfg.prior != "train")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Fail on a bad choice before any stage runs."""
     if cfg.prior not in ("train", "committed") and not (Path(str(cfg.prior)) / "model_index.json").exists():
@@ -103,6 +107,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"judges={cfg.judges!r}: expected 'auto', 'train' or 'committed'")
     check_ranges(cfg, {"prior_described_fraction": Range(False, 0.0, 1.0, "a share of scenes in [0, 1]"),
                        "world_head_scale": Range(False, 0.5, 2.0, "a head size factor in (0.5, 2]", above_low=True)})
+    if uses_committed_judges(cfg) and cfg.world_head_scale != 1.0:
+        raise ConfigError(f"world_head_scale={cfg.world_head_scale} with the committed judges, which read the default "
+                          "world's heads (world_head_scale=1.0): add judges=train")
     experiments = Path(CONFIG_DIR) / "experiment"
     unknown = [v for v in cfg.variants if not (experiments / f"{v}.yaml").exists()]
     if unknown:
@@ -158,8 +165,7 @@ def reproduce(cfg: DictConfig) -> dict:
 
     # Committed judges make the readings reproducible across machines (judges retrained elsewhere read
     # the same images differently); a second judge trained with another seed measures that spread.
-    committed = cfg.judges == "committed" or (cfg.judges == "auto" and cfg.prior != "train")
-    judges = Judges.load(asset("synth-judges")) if committed else trained_judges("judges", cfg.seed)
+    judges = Judges.load(asset("synth-judges")) if uses_committed_judges(cfg) else trained_judges("judges", cfg.seed)
     spread_seed = cfg.eval.spread_judge_seed
     spread_judges = None if spread_seed is None else trained_judges(f"judges_seed{spread_seed}", spread_seed)
     stage_start = time.perf_counter()
