@@ -282,3 +282,33 @@ def test_committed_judges_load_and_read_the_worlds_renders(tmp_path):
     world = write_synthetic_ffhq(tmp_path / "world", num_samples=64, size=64, seed=5)
     accuracy = judges.accuracy_on(WorldLabels(world, "all"))
     assert accuracy["segmenter_iou"] > 0.8 and accuracy["context/place"] > 0.9
+
+
+def test_decoder_only_vae_finetune_keeps_the_latent_space(tmp_path, tiny_dir):
+    """train_encoder=False: the encoder and the exported scaling factor are the base's (a prior trained on
+    the base VAE stays valid), while the decoder does learn."""
+    import functools
+
+    from diffusers import AutoencoderKL
+
+    from moa.synthworld.stage1 import VAELitModule
+
+    base = str(tiny_dir / "stable-diffusion")
+    module = VAELitModule(base_model=base, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
+                          train_encoder=False)
+    optimizer = module.configure_optimizers()
+    before = {k: v.clone() for k, v in module.vae.state_dict().items()}
+    pixels = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for _ in range(3):
+        module.training_step({"pixel_values": pixels}, 0).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = module.vae.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)
+    module.export(tmp_path / "out")
+    exported = AutoencoderKL.from_pretrained(tmp_path / "out", subfolder="vae")
+    base_vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    assert exported.config.scaling_factor == base_vae.config.scaling_factor
+    assert torch.equal(exported.encoder.conv_in.weight, base_vae.encoder.conv_in.weight)
+    assert not torch.equal(exported.decoder.conv_out.weight, base_vae.decoder.conv_out.weight)

@@ -45,23 +45,32 @@ class VAELitModule(pl.LightningModule):
             components are copied unchanged into the export).
         optimizer: factory ``params -> Optimizer``.
         kl_weight: weight of the KL term (small: latents stay close to a unit Gaussian in scale).
+        train_encoder: False fine-tunes the decoder alone (as Stability's ``sd-vae-ft-mse`` did): the
+            latent space, scaling factor included, stays the base's, so a prior trained on the base
+            VAE decodes through the new decoder unchanged.
     """
 
-    def __init__(self, *, base_model: str, optimizer: Callable, kl_weight: float = 1e-6, seed: int = 0):
+    def __init__(self, *, base_model: str, optimizer: Callable, kl_weight: float = 1e-6, train_encoder: bool = True,
+                 seed: int = 0):
         super().__init__()
         check_pretrained_path(base_model, option="model.base_model", expect="a diffusers Stable Diffusion folder")
         self.base_model, self.optimizer_factory, self.kl_weight, self.seed = base_model, optimizer, kl_weight, seed
+        self.train_encoder = train_encoder
         self.vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae")
+        if not train_encoder:
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
         # Running spread of the latents: the export sets scaling_factor = 1 / std, as SD's 0.18215 does.
         self.register_buffer("latent_std", torch.ones(()))
-        self.save_hyperparameters({"kl_weight": kl_weight, "seed": seed})
+        self.save_hyperparameters({"kl_weight": kl_weight, "train_encoder": train_encoder, "seed": seed})
 
     def configure_optimizers(self):
-        return self.optimizer_factory(self.vae.parameters())
+        return self.optimizer_factory([p for p in self.vae.parameters() if p.requires_grad])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         pixels = batch["pixel_values"]
-        posterior = self.vae.encode(pixels).latent_dist
+        with torch.set_grad_enabled(self.train_encoder):
+            posterior = self.vae.encode(pixels).latent_dist
         self.latent_std.mul_(0.98).add_(0.02 * posterior.mean.detach().std())
         reconstruction = self.vae.decode(posterior.sample(step_generator(self, self.seed))).sample
         mse = F.mse_loss(reconstruction, pixels)
@@ -71,10 +80,12 @@ class VAELitModule(pl.LightningModule):
         return loss
 
     def export(self, out_dir: str | os.PathLike) -> Path:
-        """The base folder with the trained VAE in place of the old one, and the latent scale refit."""
+        """The base folder with the trained VAE in place of the old one, and the latent scale refit
+        (kept when the encoder was frozen: the latents are the base's)."""
         pipe = StableDiffusionPipeline.from_pretrained(self.base_model, safety_checker=None,
                                                        requires_safety_checker=False)
-        self.vae.register_to_config(scaling_factor=float(1.0 / self.latent_std))
+        if self.train_encoder:
+            self.vae.register_to_config(scaling_factor=float(1.0 / self.latent_std))
         pipe.vae = self.vae
         pipe.save_pretrained(out_dir)
         return Path(out_dir)
