@@ -1,16 +1,19 @@
 """What MoA costs over the model it extends, measured side by side in one run.
 
     python -m moa.bench                 # everything; CPU: 32x32 latents, fp32; GPU: 64x64 latents, bf16
-    python -m moa.bench --only train    # one part: train | sample | data | embedded
+    python -m moa.bench --only train    # some parts: train | sample | data | embedded | recipe
 
 Parts:
-- train: one optimizer step of an SD1.5-shape U-Net (random weights) as (a) MoA with a frozen prior,
-  (b) the plain U-Net with only its attention projections trainable, (c) the whole U-Net trainable
-  (FastComposer-style), and (d) MoA with the denoising loss alone (no router/object-loss maps), which
-  says how much of (a)'s cost the map losses are. Time per step and peak memory (GPU: max allocated; CPU: the peak resident
-  set of a fresh process per variant).
-- sample: time per denoising step (classifier-free guidance, batch 1) of the MoA U-Net with 1 and 2
-  subjects and prior-only, against the plain U-Net.
+- train: one training step of an SD1.5-shape U-Net (random weights; ``TrainStep``) as MoA with a frozen
+  prior (image encoder of CLIP ViT-L/14 shape on the real subject slots, router and object losses), MoA
+  with the denoising loss alone, the plain U-Net with only its attention projections trainable, and the
+  whole U-Net trainable (FastComposer-style). For each: GFLOP of forward + backward (SD1.5 shape, batch
+  1, counted on meta tensors on any device), time per step (all variants in interleaved rounds, per
+  batch size; GPU: 4 and the paper's 32 with gradient checkpointing) and peak memory alone (GPU: max
+  allocated; CPU: the resident set of a fresh process). Each time ratio is printed beside its FLOP
+  ratio, the floor it could reach. Also the share of a real step that the VAE and text encoder take.
+- sample: time and GFLOP per denoising step (classifier-free guidance, U-Net batch 2) of the MoA
+  U-Net with 1 and 2 subjects and prior-only, against the plain U-Net.
 - data: samples/second of the training DataModule (folder and shards; 0, 1 and 2 workers) against
   the samples/second one training step of the tiny default consumes.
 - embedded: wall time of ``python train.py``.
@@ -40,13 +43,26 @@ import torch
 log = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).with_name("bench_results.json")
-TRAIN_VARIANTS = ("moa", "attention_only", "full", "moa_without_map_losses")
+TRAIN_VARIANTS = ("moa", "moa_without_map_losses", "attention_only", "full")
+FLOP_LATENT = 64  # SD1.5 at 512x512: FLOPs are always counted at the real shape, batch 1
+
+# CLIP ViT-L/14 (the image encoder of MoA and FastComposer, and SD1.5's text encoder): published shapes.
+CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14, projection_dim=768)
+CLIP_L14_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     max_position_embeddings=77, projection_dim=768)
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
 
 
 def _device_settings() -> dict:
+    """GPU: the paper's per-GPU batch (32 at 64x64 latents, bf16-mixed, gradient checkpointing) and a
+    small one. CPU: what fits 2 cores and 24 GiB in minutes."""
     if torch.cuda.is_available():
-        return {"device": "cuda", "dtype": "bfloat16", "latent": 64, "train_batch": 4, "steps": 10, "warmup": 3}
-    return {"device": "cpu", "dtype": "float32", "latent": 32, "train_batch": 1, "steps": 3, "warmup": 1}
+        return {"device": "cuda", "dtype": "bfloat16", "latent": 64, "train_batches": [4, 32],
+                "checkpointing_from_batch": 32, "rounds": 10, "warmup": 3}
+    return {"device": "cpu", "dtype": "float32", "latent": 32, "train_batches": [1], "checkpointing_from_batch": None,
+            "rounds": 3, "warmup": 1}
 
 
 def _sync(device: str) -> None:
@@ -54,148 +70,283 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _sd15_unet(device: str, dtype: torch.dtype):
+def _autocast(device: str, dtype: torch.dtype):
+    return torch.autocast(device_type="cpu" if device == "meta" else device, dtype=dtype,
+                          enabled=dtype != torch.float32 and device != "meta")
+
+
+def _sd15_unet(device: str, dtype: torch.dtype = torch.float32):
     from diffusers import UNet2DConditionModel
 
     from moa.tiny import SD15_UNET_CONFIG
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(**SD15_UNET_CONFIG).to(device=device, dtype=dtype)
+    with torch.device(device):
+        return UNet2DConditionModel(**SD15_UNET_CONFIG).to(dtype=dtype)
 
 
-def _subject_inputs(unet, prompt_encoder, batch: int, subjects: int, device: str, dtype: torch.dtype):
-    text = torch.randn(batch, 77, 768, device=device, dtype=dtype)
-    features = torch.randn(batch, subjects, 768, device=device, dtype=dtype)
-    token_index = torch.arange(2, 2 + subjects, device=device).expand(batch, -1)
-    valid = torch.ones(batch, subjects, dtype=torch.bool, device=device)
-    return text, features, token_index, valid
+def _image_encoder(device: str, dtype: torch.dtype):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.device(device):
+        return CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14_VISION)).to(dtype=dtype).eval()
 
 
-def train_step_variant(variant: str, settings: dict) -> dict:
-    """Time and peak memory of one optimizer step for ``variant`` (run in its own process on CPU)."""
-    from moa.models.inputs import MoAInputs
-    from moa.models.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss
-    from moa.models.prompt import MultimodalPromptEncoder, personalize_text
+def count_flops(run) -> float:
+    """GFLOP of ``run()``, attention forced to the math backend so that the counter sees it (it has no
+    entry for the CPU flash kernel); run it on meta tensors to count without computing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops() / 1e9
+
+
+class TrainStep:
+    """One training step of ``variant`` on an SD1.5-shape U-Net, as ``MoALitModule`` takes it once the
+    batch is encoded: (a) ``moa``: MoA with the frozen prior, the image encoder on the real subject slots
+    (1 of 2 per sample) and the router and object losses; (b) ``moa_without_map_losses``: the same with
+    the denoising loss alone; (c) ``attention_only``: the plain U-Net with only its attention projections
+    trainable; (d) ``full``: the whole U-Net trainable (FastComposer-style).
+
+    ``unet`` may be shared between variants: ``prepare()`` (untimed) sets the trainable parameters of
+    this one.
+    """
+
+    def __init__(self, variant: str, unet, *, batch: int, latent: int, device: str, dtype: torch.dtype,
+                 image_encoder=None, prompt_encoder=None, loss_layers: frozenset[str] = frozenset()):
+        from moa.models.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss
+
+        self.variant, self.unet, self.device, self.dtype = variant, unet, device, dtype
+        self.image_encoder, self.prompt_encoder = image_encoder, prompt_encoder
+        self.is_moa = variant.startswith("moa")
+        self.loss_layers = loss_layers if variant == "moa" else frozenset()
+        if self.is_moa:
+            self.trainable = [p for n, p in unet.named_parameters() if ".processor." in n]
+            self.trainable += list(prompt_encoder.parameters())
+        elif variant == "attention_only":
+            self.trainable = [p for n, p in unet.named_parameters()
+                              if any(f".{k}." in n for k in ("to_q", "to_k", "to_v", "to_out"))]
+        else:
+            self.trainable = [p for n, p in unet.named_parameters() if ".processor." not in n]
+        self.optimizer = None if device == "meta" else torch.optim.AdamW(self.trainable, lr=1e-5)
+        with torch.device(device):
+            self.latents = torch.randn(batch, 4, latent, latent)
+            self.noise = torch.randn_like(self.latents)
+            self.timesteps = torch.randint(0, 800, (batch,))
+            self.mask = (torch.rand(batch, 1, latent, latent) > 0.5).float()
+            self.text = torch.randn(batch, 77, 768)
+            self.subject_pixels = torch.randn(batch, 2, 3, 224, 224)
+            self.real_slots = torch.arange(0, 2 * batch, 2)  # one subject and one padding slot per sample
+            self.token_index = torch.tensor([2, 5]).expand(batch, -1)
+            self.valid = torch.tensor([True, False]).expand(batch, -1)
+        self.losses = (MaskedDenoisingLoss(), RouterLoss(), ObjectLocalizationLoss())
+
+    def prepare(self) -> None:
+        self.unet.requires_grad_(False)
+        for parameter in self.trainable:
+            parameter.requires_grad_(True)
+
+    def loss(self) -> torch.Tensor:
+        from moa.models.inputs import MoAInputs
+        from moa.models.model import encode_images
+        from moa.models.prompt import personalize_text
+
+        with _autocast(self.device, self.dtype):
+            kwargs, moa = {}, None
+            if self.is_moa:
+                with torch.no_grad():
+                    features = encode_images(self.image_encoder, self.subject_pixels, self.real_slots)
+                words = torch.gather(self.text, 1, self.token_index[..., None].expand(-1, -1, 768))
+                tokens = self.prompt_encoder(features.to(words.dtype), words, self.timesteps)
+                condition = personalize_text(self.text, tokens.to(self.text.dtype), self.token_index, self.valid)
+                moa = MoAInputs(personalized_condition=condition, subject_token_index=self.token_index,
+                                record_router_layers=self.loss_layers, record_attention_layers=self.loss_layers)
+                kwargs["cross_attention_kwargs"] = {"moa": moa}
+            prediction = self.unet(self.latents, self.timesteps, self.text, **kwargs).sample
+            loss = self.losses[0](prediction, self.noise, self.mask)
+            if self.loss_layers:
+                subject_masks = self.mask.expand(-1, 2, -1, -1)
+                loss = loss + 1e-4 * self.losses[1](moa.router_maps, self.mask)[0] \
+                    + 1e-4 * self.losses[2](moa.subject_attention, subject_masks, self.valid)
+        return loss
+
+    def __call__(self) -> None:
+        self.loss().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def train_steps(variants, *, batch: int, latent: int, device: str, dtype: torch.dtype,
+                checkpointing: bool = False) -> dict[str, TrainStep]:
+    """The ``variants`` as ``TrainStep``s on one U-Net (two SD1.5 U-Nets and a full finetune's Adam state
+    do not fit a 24 GiB machine). MoA is installed when a MoA variant is asked for; the plain variants
+    then call it without MoA inputs, which runs diffusers' own ``AttnProcessor2_0`` in every layer."""
+    from moa.models.prompt import MultimodalPromptEncoder
     from moa.models.unet import MoAConfig, install_moa, loss_layer_names
 
-    device, dtype = settings["device"], getattr(torch, settings["dtype"])
-    unet = _sd15_unet(device, torch.float32)
-    batch, size = settings["train_batch"], settings["latent"]
-    prompt_encoder = None
-    is_moa = variant.startswith("moa")
-    if is_moa:
-        trainable = install_moa(unet)
-        prompt_encoder = MultimodalPromptEncoder(image_dim=768, text_dim=768).to(device)
-        trainable += list(prompt_encoder.parameters())
-        layers = loss_layer_names(unet, MoAConfig()) if variant == "moa" else []
-    elif variant == "attention_only":
-        unet.requires_grad_(False)
-        trainable = [p for n, p in unet.named_parameters() if any(f".{k}." in n for k in ("to_q", "to_k", "to_v", "to_out"))]
-        for p in trainable:
-            p.requires_grad_(True)
-    else:
-        trainable = list(unet.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-    latents = torch.randn(batch, 4, size, size, device=device)
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, 800, (batch,), device=device)
-    mask = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
-    subject_masks = mask.expand(-1, 2, -1, -1)
-    text, features, token_index, valid = _subject_inputs(unet, prompt_encoder, batch, 2, device, torch.float32)
-    losses = (MaskedDenoisingLoss(), RouterLoss(), ObjectLocalizationLoss())
+    unet = _sd15_unet(device)
+    moa_parts = {}
+    if any(variant.startswith("moa") for variant in variants):
+        install_moa(unet)
+        with torch.device(device):
+            prompt_encoder = MultimodalPromptEncoder(image_dim=768, text_dim=768)
+        moa_parts = dict(image_encoder=_image_encoder(device, dtype if device == "cuda" else torch.float32),
+                         prompt_encoder=prompt_encoder, loss_layers=loss_layer_names(unet, MoAConfig()))
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return {variant: TrainStep(variant, unet, **(moa_parts if variant.startswith("moa") else {}), batch=batch,
+                               latent=latent, device=device, dtype=dtype) for variant in variants}
 
-    def step():
-        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
-            kwargs = {}
-            if is_moa:
-                words = torch.gather(text, 1, token_index[..., None].expand(-1, -1, 768))
-                condition = personalize_text(text, prompt_encoder(features, words, timesteps), token_index, valid)
-                moa = MoAInputs(personalized_condition=condition, subject_token_index=token_index,
-                                record_router_layers=layers, record_attention_layers=layers)
-                kwargs["cross_attention_kwargs"] = {"moa": moa}
-            prediction = unet(latents, timesteps, text, **kwargs).sample
-            if variant == "moa":
-                loss = losses[0](prediction, noise, mask) + 1e-4 * losses[1](moa.router_maps, mask)[0] \
-                    + 1e-4 * losses[2](moa.subject_attention, subject_masks, valid)
-            else:
-                loss = losses[0](prediction, noise, mask)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(settings["warmup"]):
+def train_flops() -> dict[str, float]:
+    """GFLOP of one forward + backward of each training variant, SD1.5 shape, batch 1 (meta tensors)."""
+    flops = {}
+    for variant, step in train_steps(TRAIN_VARIANTS, batch=1, latent=FLOP_LATENT, device="meta",
+                                     dtype=torch.float32).items():
+        step.prepare()
+        flops[variant] = count_flops(lambda: step.loss().backward())
+    return flops
+
+
+def _encoders(device: str, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return (AutoencoderKL(**SD15_VAE).to(dtype=dtype).eval(),
+                CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT)).to(dtype=dtype).eval())
+
+
+def encode_step(*, batch: int, latent: int, device: str, dtype: torch.dtype):
+    """What a real step runs before the U-Net (``MoALitModule.compute_losses``): the VAE encodes the
+    images (8x the latent size) and the text encoder the 77-token captions, frozen, without gradient."""
+    vae, text_encoder = _encoders(device, dtype)
+    with torch.device(device):
+        images, ids = torch.randn(batch, 3, 8 * latent, 8 * latent, dtype=dtype), torch.zeros(batch, 77, dtype=torch.long)
+
+    @torch.no_grad()
+    def run():
+        vae.encode(images).latent_dist.sample()
+        text_encoder(ids)
+    return run
+
+
+def encode_flops() -> dict[str, float]:
+    """GFLOP per sample of ``encode_step``'s two parts at SD1.5's 512x512 (meta tensors)."""
+    vae, text_encoder = _encoders("meta", torch.float32)
+    with torch.device("meta"):
+        image, ids = torch.randn(1, 3, 512, 512), torch.zeros(1, 77, dtype=torch.long)
+    with torch.no_grad():
+        return {"vae_encode": count_flops(lambda: vae.encode(image).latent_dist.sample()),
+                "text_encoder": count_flops(lambda: text_encoder(ids))}
+
+
+def peak_memory_gib(variant: str, batch: int, settings: dict) -> float:
+    """Peak memory of training ``variant`` alone (GPU: max allocated; CPU: resident set of a fresh process)."""
+    if settings["device"] == "cpu":
+        out = subprocess.run([sys.executable, "-m", "moa.bench", "--train-variant", variant, "--train-batch", str(batch)],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak_memory_gib"]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step = _train_steps_at(settings, [variant], batch)[variant]
+    step.prepare()
+    for _ in range(2):
         step()
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(settings["steps"]):
+    _sync("cuda")
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del step
+    torch.cuda.empty_cache()
+    return peak
+
+
+def _train_steps_at(settings: dict, variants, batch: int) -> dict[str, TrainStep]:
+    threshold = settings["checkpointing_from_batch"]
+    return train_steps(variants, batch=batch, latent=settings["latent"], device=settings["device"],
+                       dtype=getattr(torch, settings["dtype"]), checkpointing=threshold is not None and batch >= threshold)
+
+
+def _child_peak_memory(variant: str, batch: int, settings: dict) -> dict:
+    step = _train_steps_at(settings, [variant], batch)[variant]
+    step.prepare()
+    for _ in range(2):
         step()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / settings["steps"]
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"step_seconds": seconds, "peak_memory_gib": peak,
-            "trainable_parameters_m": sum(p.numel() for p in trainable) / 1e6}
+    return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB -> GiB
 
 
 def bench_train(settings: dict) -> dict:
-    results = {}
-    for variant in TRAIN_VARIANTS:
-        if settings["device"] == "cuda":
-            results[variant] = train_step_variant(variant, settings)
-            torch.cuda.empty_cache()
-        else:  # a fresh process each, so the resident-set peak belongs to that variant alone
-            out = subprocess.run([sys.executable, "-m", "moa.bench", "--train-variant", variant],
-                                 capture_output=True, text=True, check=True)
-            results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        log.info("train %s: %s", variant, results[variant])
-    a, b, c, d = (results[v] for v in TRAIN_VARIANTS)
-    results["moa_vs_attention_only_step_ratio"] = a["step_seconds"] / b["step_seconds"]
-    results["moa_without_map_losses_vs_attention_only_step_ratio"] = d["step_seconds"] / b["step_seconds"]
-    results["moa_vs_full_peak_memory_ratio"] = a["peak_memory_gib"] / c["peak_memory_gib"]
-    results["moa_vs_full_step_ratio"] = a["step_seconds"] / c["step_seconds"]
+    """FLOPs (SD1.5 shape, batch 1), then per batch size: time per step of every variant in interleaved
+    rounds, peak memory of each alone, and each time ratio beside its FLOP ratio."""
+    flops = train_flops()
+    encode = encode_flops()
+    results = {"gflop_per_sample": flops, "encode_gflop_per_sample": encode,
+               "encode_share_of_moa_step_flops": sum(encode.values()) / (sum(encode.values()) + flops["moa"])}
+    for batch in settings["train_batches"]:
+        steps = _train_steps_at(settings, TRAIN_VARIANTS, batch)
+        encode = encode_step(batch=batch, latent=settings["latent"], device=settings["device"],
+                             dtype=getattr(torch, settings["dtype"]))
+        seconds = interleaved_seconds({**steps, "encode": encode}, rounds=settings["rounds"],
+                                      warmup=settings["warmup"], device=settings["device"])
+        trainable = {v: sum(p.numel() for p in step.trainable) / 1e6 for v, step in steps.items()}
+        del steps, encode
+        memory = {v: peak_memory_gib(v, batch, settings) for v in TRAIN_VARIANTS}
+        row = {"step_seconds": seconds, "peak_memory_gib": memory, "trainable_parameters_m": trainable}
+        for other in ("attention_only", "full"):
+            row[f"moa_vs_{other}_time_ratio"] = seconds["moa"] / seconds[other]
+            row[f"moa_vs_{other}_flop_ratio"] = flops["moa"] / flops[other]
+        row["moa_without_map_losses_vs_attention_only_time_ratio"] = (seconds["moa_without_map_losses"]
+                                                                      / seconds["attention_only"])
+        row["moa_without_map_losses_vs_attention_only_flop_ratio"] = (flops["moa_without_map_losses"]
+                                                                      / flops["attention_only"])
+        row["moa_vs_full_peak_memory_ratio"] = memory["moa"] / memory["full"]
+        row["encode_share_of_moa_step_time"] = seconds["encode"] / (seconds["encode"] + seconds["moa"])
+        results[f"batch_{batch}"] = row
+        log.info("train batch %d: %s", batch, row)
     return results
 
 
-def interleaved_seconds(runs: dict, *, rounds: int, device: str) -> dict[str, float]:
+def interleaved_seconds(runs: dict, *, rounds: int, device: str, warmup: int = 0) -> dict[str, float]:
     """Median seconds per call of each function, measured in alternating rounds so that a change in
-    the machine's load hits every candidate alike."""
+    the machine's load hits every candidate alike. A run with a ``prepare()`` gets it, untimed, first."""
     samples = {name: [] for name in runs}
-    for _ in range(rounds):
+    for round_index in range(warmup + rounds):
         for name, run in runs.items():
+            if hasattr(run, "prepare"):
+                run.prepare()
             _sync(device)
             start = time.perf_counter()
             run()
             _sync(device)
-            samples[name].append(time.perf_counter() - start)
+            if round_index >= warmup:
+                samples[name].append(time.perf_counter() - start)
     return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
 
 
-def bench_sample(settings: dict) -> dict:
-    """Per denoising step with classifier-free guidance (U-Net batch 2), as ``MoAPipeline`` runs it:
-    the plain U-Net (diffusers' own processors) against MoA prior-only and with 1 or 2 subjects."""
+def sample_runs(device: str, dtype: torch.dtype, latent: int) -> dict:
+    """One denoising step with classifier-free guidance (U-Net batch 2), as ``MoAPipeline`` runs it: the
+    plain U-Net (diffusers' own processors) against MoA prior-only and with 1 or 2 subjects."""
     from moa.models.inputs import MoAInputs
     from moa.models.prompt import MultimodalPromptEncoder, personalize_text
     from moa.models.unet import install_moa
 
-    device, dtype = settings["device"], getattr(torch, settings["dtype"])
     plain_unet = _sd15_unet(device, dtype).eval()
     unet = _sd15_unet(device, dtype).eval()  # same seed: the same weights, MoA installed below
-    size = settings["latent"]
-    latents = torch.randn(2, 4, size, size, device=device, dtype=dtype)
-    text = torch.randn(2, 77, 768, device=device, dtype=dtype)
-    timestep = torch.tensor(500, device=device)
     install_moa(unet)
-    encoder = MultimodalPromptEncoder(image_dim=768, text_dim=768).to(device=device, dtype=dtype).eval()
+    with torch.device(device):
+        encoder = MultimodalPromptEncoder(image_dim=768, text_dim=768).to(dtype=dtype).eval()
+        latents = torch.randn(2, 4, latent, latent, dtype=dtype)
+        text = torch.randn(2, 77, 768, dtype=dtype)
+        timestep = torch.tensor(500)
 
     def with_subjects(subjects: int):
-        features = torch.randn(2, subjects, 768, device=device, dtype=dtype)
-        token_index = torch.arange(2, 2 + subjects, device=device).expand(2, -1)
-        valid = torch.ones(2, subjects, dtype=torch.bool, device=device)
-        valid[0] = False  # the unconditional half sees no subject
+        with torch.device(device):
+            features = torch.randn(2, subjects, 768, dtype=dtype)
+            token_index = torch.arange(2, 2 + subjects).expand(2, -1)
+            valid = torch.tensor([False, True])[:, None].expand(-1, subjects)  # the unconditional half: none
 
         def run():
             words = torch.gather(text, 1, token_index[..., None].expand(-1, -1, 768))
@@ -203,18 +354,23 @@ def bench_sample(settings: dict) -> dict:
             unet(latents, timestep, text, cross_attention_kwargs={"moa": MoAInputs(personalized_condition=condition)})
         return run
 
-    runs = {"plain": lambda: plain_unet(latents, timestep, text),
+    return {"plain": lambda: plain_unet(latents, timestep, text),
             "moa_prior_only": lambda: unet(latents, timestep, text,
                                            cross_attention_kwargs={"moa": MoAInputs(prior_only=True)}),
             "moa_1_subject": with_subjects(1), "moa_2_subject": with_subjects(2)}
+
+
+def bench_sample(settings: dict) -> dict:
+    """Time (interleaved rounds) and FLOPs (SD1.5 shape) per denoising step, and their ratios to plain."""
     with torch.no_grad():
-        for run in runs.values():
-            for _ in range(settings["warmup"]):
-                run()
-        seconds = interleaved_seconds(runs, rounds=settings["steps"] + 2, device=device)
-    results = {f"{name}_step_seconds": value for name, value in seconds.items()}
+        flops = {name: count_flops(run) for name, run in sample_runs("meta", torch.float32, FLOP_LATENT).items()}
+        runs = sample_runs(settings["device"], getattr(torch, settings["dtype"]), settings["latent"])
+        seconds = interleaved_seconds(runs, rounds=settings["rounds"] + 2, warmup=settings["warmup"],
+                                      device=settings["device"])
+    results = {"step_seconds": seconds, "gflop": flops}
     for name in ("moa_1_subject", "moa_2_subject", "moa_prior_only"):
-        results[f"{name}_vs_plain_ratio"] = seconds[name] / seconds["plain"]
+        results[f"{name}_vs_plain_time_ratio"] = seconds[name] / seconds["plain"]
+        results[f"{name}_vs_plain_flop_ratio"] = flops[name] / flops["plain"]
     return results
 
 
@@ -344,18 +500,22 @@ def bench_embedded(work: Path) -> dict:
     return {"train_py_seconds": time.perf_counter() - start}
 
 
+def _flatten(values: dict, prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, float):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _table(results: dict) -> str:
-    lines = [f"{'measurement':<58} value", "-" * 72]
-    for part, values in results.items():
-        if not isinstance(values, dict):
-            continue
-        for key, value in values.items():
-            if isinstance(value, dict):
-                for sub, v in value.items():
-                    lines.append(f"{part}.{key}.{sub:<40} {v:10.4f}")
-            elif isinstance(value, float):
-                lines.append(f"{part}.{key:<50} {value:10.4f}")
-    return "\n".join(lines)
+    parts = {part: values for part, values in results.items() if part not in ("command", "settings", "machine")}
+    rows = _flatten(parts)
+    width = max(map(len, rows), default=20) + 2
+    return "\n".join([f"{'measurement':<{width}} value", "-" * (width + 12),
+                      *(f"{key:<{width}} {value:10.4f}" for key, value in rows.items())])
 
 
 def main() -> None:
@@ -363,10 +523,11 @@ def main() -> None:
     parser.add_argument("--only", choices=["train", "sample", "data", "embedded", "recipe"], nargs="*")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON to write")
     parser.add_argument("--train-variant", choices=TRAIN_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--train-batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     settings = _device_settings()
-    if args.train_variant:  # the per-variant child process of the CPU training benchmark
-        sys.stdout.write(json.dumps(train_step_variant(args.train_variant, settings)) + "\n")  # read by the parent
+    if args.train_variant:  # the per-variant child process of the CPU memory measurement
+        sys.stdout.write(json.dumps(_child_peak_memory(args.train_variant, args.train_batch, settings)) + "\n")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(torch.get_num_threads())

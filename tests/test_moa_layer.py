@@ -175,3 +175,113 @@ def test_spacetime_phases_survive_casting_the_encoder_to_half_precision(dtype):
     reference = encoding.fourier_features(timesteps)
     assert torch.equal(encoding.to(dtype).fourier_features(timesteps), reference)
     assert encoding(timesteps).dtype == dtype
+
+
+class _LoRALinear(torch.nn.Module):
+    """A host projection wrapped as LoRA loaders wrap it (not a plain ``nn.Linear``)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype) * 0.3)
+        self.up = torch.nn.Parameter(torch.randn(base.out_features, rank, dtype=base.weight.dtype) * 0.3)
+
+    def forward(self, x):
+        return self.base(x) + x @ self.down.T @ self.up.T
+
+    def effective_weight(self):
+        return self.base.weight + self.up @ self.down
+
+
+def _written_out_attention(x, context, q, k, v, out, heads):
+    """softmax(Q K^T / sqrt(d)) V per head, then the output projection; and the head-mean probabilities."""
+    def weight(layer):
+        return layer.effective_weight() if isinstance(layer, _LoRALinear) else layer.weight
+
+    batch, d = x.shape[0], weight(q).shape[0] // heads
+    Q, K, V = (t @ weight(layer).T for t, layer in ((x, q), (context, k), (context, v)))
+    Q, K, V = (t.view(batch, -1, heads, d).transpose(1, 2) for t in (Q, K, V))
+    probs = torch.softmax(Q @ K.transpose(-1, -2) / d**0.5, dim=-1)
+    merged = (probs @ V).transpose(1, 2).reshape(batch, -1, heads * d)
+    return merged @ out.weight.T + out.bias, probs.mean(dim=1)
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("first_layer", [False, True], ids=["inner", "first"])
+@pytest.mark.parametrize("lora_host", [False, True], ids=["plain", "lora"])
+def test_moa_layer_equals_eq_6_7_written_out_in_value_and_gradient(cross, first_layer, lora_host):
+    """Whatever kernels the processor fuses (one matmul for shared inputs, one SDPA over both experts'
+    heads), it must be eq. 6-7: R0 * Attn_prior(Z, C_prior) + R1 * Attn_pers(Z, C_pers), with the object
+    loss's maps those of the personalized expert. ``first_layer``: the input needs no gradient."""
+    from diffusers.models.attention_processor import Attention
+
+    from moa.models.attention import MoAAttnProcessor
+
+    torch.manual_seed(0)
+    dim, text_dim, heads, batch, pixels, tokens = 16, 12, 4, 2, 9, 7
+    host = Attention(dim, cross_attention_dim=text_dim if cross else None, heads=heads, dim_head=dim // heads,
+                     out_bias=True).double()
+    processor = MoAAttnProcessor(host, name="layer", block_index=1, is_cross_attention=cross).double()
+    _randomize([processor])
+    host.requires_grad_(False)
+    if lora_host:  # a trainable LoRA on the frozen prior's projections
+        host.to_q, host.to_k = _LoRALinear(host.to_q), _LoRALinear(host.to_k)
+    host.set_processor(processor)
+    hidden = torch.randn(batch, pixels, dim, dtype=torch.float64, requires_grad=not first_layer)
+    text = torch.randn(batch, tokens, text_dim, dtype=torch.float64)
+    condition = torch.randn(batch, 3, tokens, text_dim, dtype=torch.float64, requires_grad=True)
+    token_index = torch.tensor([[1, 4], [2, 5]])
+    moa = MoAInputs(personalized_condition=condition, subject_token_index=token_index,
+                    record_attention_layers=frozenset({"layer"}) if cross else frozenset(),
+                    record_router_layers=frozenset({"layer"}))
+    out = host(hidden, encoder_hidden_states=text if cross else None, moa=moa)
+
+    expert = processor.expert
+    prior, _ = _written_out_attention(hidden, text if cross else hidden, host.to_q, host.to_k, host.to_v,
+                                      host.to_out[0], heads)
+    personalized, probs = _written_out_attention(hidden, condition[:, 1] if cross else hidden, expert.q_proj,
+                                                 expert.k_proj, expert.v_proj, expert.out_proj, heads)
+    router = torch.softmax(processor.router.net(hidden), dim=-1)
+    expected = router[..., :1] * prior + router[..., 1:] * personalized
+    assert torch.allclose(out, expected, atol=1e-10)
+    assert torch.allclose(moa.router_maps["layer"], router[..., 0], atol=1e-12)
+    with torch.no_grad():  # sampling: the projections sharing an input are fused into one matmul
+        sampled = host(hidden, encoder_hidden_states=text if cross else None,
+                       moa=MoAInputs(personalized_condition=condition))
+    assert torch.allclose(sampled, expected, atol=1e-10)
+    probes = [torch.randn_like(out)]
+    outputs, references = [out], [expected]
+    if cross:
+        expected_maps = torch.gather(probs, 2, token_index[:, None, :].expand(-1, pixels, -1))
+        assert torch.allclose(moa.subject_attention["layer"], expected_maps, atol=1e-12)
+        probes.append(torch.randn_like(expected_maps))
+        outputs.append(moa.subject_attention["layer"])
+        references.append(expected_maps)
+    inputs = list(processor.parameters()) + [condition] + ([] if first_layer else [hidden])
+    if lora_host:
+        inputs += [host.to_q.down, host.to_q.up, host.to_k.down, host.to_k.up]
+
+    def grads(tensors):
+        loss = sum((t * probe).sum() for t, probe in zip(tensors, probes))
+        return torch.autograd.grad(loss, inputs, allow_unused=True, retain_graph=True)
+
+    for got, want in zip(grads(outputs), grads(references)):
+        if want is None:
+            assert got is None or not got.abs().any()
+        else:
+            assert torch.allclose(got, want, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_moa_unet_compiles_to_one_graph(unet):
+    """``model.compile_unet`` (and CUDA graphs for sampling) need the MoA processors to trace without
+    graph breaks, also with the map losses recording and gradients on."""
+    install_moa(unet)
+    latents, t, text = _inputs(unet)
+    layers = loss_layer_names(unet, MoAConfig())
+    moa = MoAInputs(personalized_condition=torch.randn(2, 16, *text.shape[1:]), subject_token_index=torch.tensor([[1], [2]]),
+                    record_router_layers=layers, record_attention_layers=layers)
+    unet.train()
+    explanation = torch._dynamo.explain(unet)(latents, t, text, cross_attention_kwargs={"moa": moa})
+    print(f"graphs {explanation.graph_count}, breaks {explanation.graph_break_count}: {explanation.break_reasons}")
+    assert explanation.graph_break_count == 0

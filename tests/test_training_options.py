@@ -108,3 +108,32 @@ def test_micro_batches_of_one_accumulated_step_draw_different_noise(compose_cfg)
     (noisy_a, timesteps_a), (noisy_b, timesteps_b) = calls
     assert not torch.equal(timesteps_a, timesteps_b)
     assert not torch.allclose(noisy_a, noisy_b)
+
+
+def test_image_encoder_skips_padding_slots_with_the_same_loss_and_gradients(compose_cfg):
+    """``on_before_batch_transfer`` indexes the real subject slots; the image encoder then runs on those
+    alone, and nothing downstream may notice (padding slots feed no token)."""
+    results = []
+    for skip in (False, True):
+        module, batch, _ = module_and_batch(compose_cfg, "model.net.image_encoder_trainable_layers=1")
+        batch["subject_valid"][:] = False
+        batch["subject_valid"][0, :2] = batch["subject_valid"][1, 0] = True
+        with torch.no_grad():  # experts away from the prior: the subject tokens then change the prediction
+            for p in module.model.unet.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+        if skip:
+            batch = module.on_before_batch_transfer(batch, 0)
+        seen = []
+        module.model.image_encoder.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["pixel_values"].shape[0]),
+                                                             with_kwargs=True)
+        losses, _ = module.compute_losses(batch, torch.Generator().manual_seed(0))
+        losses["loss"].backward()
+        results.append((seen, losses["loss"].detach(),
+                        {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}))
+    (seen_all, loss_all, grads_all), (seen_real, loss_real, grads_real) = results
+    assert seen_all == [batch["subject_valid"].numel()] and seen_real == [3]
+    assert torch.allclose(loss_all, loss_real, atol=1e-6)
+    assert any(k.startswith("model.image_encoder.") and grads_all[k].abs().sum() > 0 for k in grads_all)
+    worst = max((grads_all[k] - grads_real[k]).abs().max().item() for k in grads_all)
+    assert worst <= 1e-5, f"max gradient difference {worst:.2e}"

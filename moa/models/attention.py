@@ -1,11 +1,16 @@
 """The MoA layer (paper eq. 6-7) as a diffusers attention processor.
 
 The host ``diffusers.models.attention_processor.Attention`` module keeps its own projections: they
-*are* the frozen prior expert, run by diffusers' stock ``AttnProcessor2_0`` so that the prior path
-is bit-for-bit the original model. The processor owns only the new weights: a personalized expert
-(a copy of the host projections, trainable) and a per-pixel router. This is the split that
+*are* the frozen prior expert. The processor owns only the new weights: a personalized expert (a copy
+of the host projections, trainable) and a per-pixel router. This is the split that
 ``IPAdapterAttnProcessor2_0`` uses, and it means LoRAs loaded onto the host projections land in the
 prior branch only.
+
+Without MoA inputs (or with ``prior_only``) a layer runs diffusers' stock ``AttnProcessor2_0``: bit for
+bit the original model. With both experts it runs them together where it can (one matmul for the
+projections that share an input, one SDPA call over the prior's and the expert's heads stacked), which
+is the same math in fewer, larger kernels; ``tests/test_moa_layer.py`` checks it against eq. 6-7 written
+out, in value and gradient.
 """
 
 from __future__ import annotations
@@ -19,6 +24,48 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from moa.models.inputs import MoAInputs
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, tokens, heads * head_dim) -> (batch, heads, tokens, head_dim), a view."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, tokens, head_dim) -> (batch, tokens, heads * head_dim)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def project(x: torch.Tensor, layers: list[nn.Module]) -> torch.Tensor:
+    """``cat([layer(x) for layer in layers], -1)``, as one matmul when every layer is a plain
+    ``nn.Linear``. Wrapped layers (a LoRA on the host's projections) are called as modules, so that
+    whatever they add is kept. Not fused when some weights train and others do not: the backward of
+    the fused matmul would compute the frozen weights' gradients too."""
+    if not all(type(layer) is nn.Linear for layer in layers) or (
+            torch.is_grad_enabled() and len({layer.weight.requires_grad for layer in layers}) > 1):
+        return torch.cat([layer(x) for layer in layers], dim=-1)
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None
+    if any(layer.bias is not None for layer in layers):
+        bias = torch.cat([layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+                          for layer in layers])
+    return F.linear(x, weight, bias)
+
+
+def subject_attention_maps(query: torch.Tensor, key: torch.Tensor, token_index: torch.Tensor,
+                           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention probabilities at the subject tokens, averaged over heads.
+
+    query (batch, heads, pixels, head_dim), key (batch, heads, tokens, head_dim), token_index
+    (batch, subjects), an additive ``attention_mask`` as SDPA takes it -> (batch, pixels, subjects). SDPA does not expose its probabilities; the object
+    loss needs them, so they are recomputed beside it. Over the ~77 text keys that is cheap next to the
+    attention output, and the output itself keeps the fused kernel.
+    """
+    scores = (query @ key.transpose(-1, -2)) * (1.0 / math.sqrt(query.shape[-1]))
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    mean_probs = scores.softmax(dim=-1).mean(dim=1)  # (batch, pixels, tokens)
+    return torch.gather(mean_probs, 2, token_index[:, None, :].expand(-1, mean_probs.shape[1], -1))
 
 
 class Router(nn.Module):
@@ -70,34 +117,22 @@ class AttentionExpert(nn.Module):
         (batch, tokens, context_dim).
 
         Returns the output (batch, pixels, dim) and, only when ``token_index`` (batch, subjects) is
-        given, the attention probabilities at those tokens, averaged over heads
-        (batch, pixels, subjects). Without ``token_index`` the fused SDPA kernel is used.
+        given, the attention probabilities at those tokens, averaged over heads (batch, pixels, subjects).
         """
-        batch = hidden_states.shape[0]
-        query = self.q_proj(hidden_states)
-        key = self.k_proj(context)
-        value = self.v_proj(context)
-        head_dim = key.shape[-1] // self.heads
-        query, key, value = (
-            x.view(batch, -1, self.heads, head_dim).transpose(1, 2) for x in (query, key, value)
-        )
-        subject_probs = None
-        if token_index is None:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-        else:
-            # The object loss needs the softmax maps, which SDPA does not expose: compute them here,
-            # and only in the layers that ask for them.
-            scores = (query @ key.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            probs = scores.softmax(dim=-1)
-            out = probs @ value
-            mean_probs = probs.mean(dim=1)  # (batch, pixels, tokens)
-            subject_probs = torch.gather(
-                mean_probs, 2, token_index[:, None, :].expand(-1, mean_probs.shape[1], -1)
-            )
-        out = out.transpose(1, 2).reshape(batch, -1, self.heads * head_dim)
-        return self.out_proj(out), subject_probs
+        query = split_heads(self.q_proj(hidden_states), self.heads)
+        key = split_heads(self.k_proj(context), self.heads)
+        value = split_heads(self.v_proj(context), self.heads)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        maps = None if token_index is None else subject_attention_maps(query, key, token_index, attention_mask)
+        return self.out_proj(merge_heads(out)), maps
+
+
+def _is_plain_attention(host: Attention) -> bool:
+    """Whether ``AttnProcessor2_0`` on ``host`` is just project, attend, project (true of every attention
+    layer in SD1.5's transformer blocks), so the two experts may share kernels."""
+    return (host.spatial_norm is None and host.group_norm is None and host.norm_cross is None
+            and getattr(host, "norm_q", None) is None and getattr(host, "norm_k", None) is None
+            and not host.residual_connection and host.rescale_output_factor == 1.0)
 
 
 class MoAAttnProcessor(nn.Module):
@@ -132,6 +167,7 @@ class MoAAttnProcessor(nn.Module):
         self.expert = AttentionExpert(host)
         self.router = Router(host.query_dim, hidden_dim=router_hidden_dim) if use_prior_branch else None
         self._prior = AttnProcessor2_0()
+        self._plain_host = _is_plain_attention(host)
 
     def __call__(
         self,
@@ -145,25 +181,62 @@ class MoAAttnProcessor(nn.Module):
         if moa is None or moa.prior_only:
             return self._prior(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
-        if self.is_cross_attention:
-            context = moa.condition_for_block(self.block_index)
+        context = moa.condition_for_block(self.block_index) if self.is_cross_attention else hidden_states
+        token_index = moa.subject_token_index if self.is_cross_attention and self.name in moa.record_attention_layers else None
+        if self.use_prior_branch and self._can_stack(hidden_states, encoder_hidden_states, context, attention_mask):
+            prior, personalized, maps = self._both_experts(attn, hidden_states, encoder_hidden_states, context,
+                                                           token_index)
         else:
-            context = hidden_states
-        mask = None
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, context.shape[1], hidden_states.shape[0])
-            mask = mask.view(hidden_states.shape[0], attn.heads, -1, mask.shape[-1])
-        wants_maps = self.is_cross_attention and self.name in moa.record_attention_layers
-        personalized, subject_probs = self.expert(
-            hidden_states, context, mask, moa.subject_token_index if wants_maps else None
-        )
-        if subject_probs is not None:
-            moa.subject_attention[self.name] = subject_probs
+            mask = None
+            if attention_mask is not None:
+                mask = attn.prepare_attention_mask(attention_mask, context.shape[1], hidden_states.shape[0])
+                mask = mask.view(hidden_states.shape[0], attn.heads, -1, mask.shape[-1])
+            personalized, maps = self.expert(hidden_states, context, mask, token_index)
+            prior = None
+            if self.use_prior_branch:
+                prior = self._prior(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if maps is not None:
+            moa.subject_attention[self.name] = maps
         if not self.use_prior_branch:
             return personalized
-
-        prior = self._prior(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         weights = self.router(hidden_states)
         if self.name in moa.record_router_layers:
             moa.router_maps[self.name] = weights[..., 0]
         return weights[..., :1] * prior + weights[..., 1:] * personalized
+
+    def _can_stack(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                   context: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+        """Whether both experts can run as one attention over stacked heads. Not with a mask or a host
+        that does more than project-attend-project, nor for cross-attention contexts of different
+        lengths. Nor in a self-attention layer whose input needs no gradient (the U-Net's first) while
+        training: stacked, the backward would also run through the frozen prior's heads, which
+        separately need none (46 GFLOP of an SD1.5 step)."""
+        if attention_mask is not None or not self._plain_host or hidden_states.ndim != 3:
+            return False
+        if self.is_cross_attention:
+            return encoder_hidden_states is not None and encoder_hidden_states.shape[1] == context.shape[1]
+        return not (torch.is_grad_enabled() and not hidden_states.requires_grad)
+
+    def _both_experts(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                      context: torch.Tensor, token_index: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Prior and personalized outputs (batch, pixels, dim) from one SDPA over 2 x heads, and the
+        personalized expert's subject maps when ``token_index`` is given."""
+        heads, expert = attn.heads, self.expert
+        if self.is_cross_attention:
+            query = project(hidden_states, [attn.to_q, expert.q_proj])
+            key = torch.cat([split_heads(attn.to_k(encoder_hidden_states), heads),
+                             split_heads(expert.k_proj(context), heads)], dim=1)
+            value = torch.cat([split_heads(attn.to_v(encoder_hidden_states), heads),
+                               split_heads(expert.v_proj(context), heads)], dim=1)
+            query = split_heads(query, 2 * heads)
+        else:
+            qkv = project(hidden_states, [attn.to_q, expert.q_proj, attn.to_k, expert.k_proj, attn.to_v, expert.v_proj])
+            query, key, value = (split_heads(x, 2 * heads) for x in qkv.chunk(3, dim=-1))
+        out = merge_heads(F.scaled_dot_product_attention(query, key, value))  # (batch, pixels, 2 * inner)
+        prior_heads, expert_heads = out.chunk(2, dim=-1)
+        prior = attn.to_out[1](attn.to_out[0](prior_heads))  # to_out[1]: the host's dropout
+        maps = None
+        if token_index is not None:
+            maps = subject_attention_maps(query[:, heads:], key[:, heads:], token_index)
+        return prior, expert.out_proj(expert_heads), maps

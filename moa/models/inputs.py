@@ -25,7 +25,7 @@ class MoAInputs:
         subject_token_index: (batch, subjects) token position of each subject's word.
         record_router_layers: processor names whose prior weight map ``R0`` is stored.
         record_attention_layers: cross-attention processor names whose personalized attention maps
-            at the subject tokens are stored (these layers give up the fused SDPA kernel).
+            at the subject tokens are stored (recomputed beside the fused SDPA kernel).
         prior_only: run every layer as the original model (no subject, no personalized expert).
         router_maps: filled by processors: name -> (batch, pixels) prior weight ``R0``.
         subject_attention: filled by processors: name -> (batch, pixels, subjects).

@@ -74,6 +74,32 @@ def load_image_encoder(path: str | os.PathLike) -> CLIPVisionModelWithProjection
         transformers_logging.set_verbosity(verbosity)
 
 
+def real_subject_slots(subject_valid: torch.Tensor) -> torch.Tensor:
+    """(batch, subjects) bool -> (n,) flat indices of the slots that hold a subject, for
+    ``MoAModel.encode_subjects``. Computed on the host before the batch moves to the GPU (``nonzero``
+    there would wait for the device)."""
+    return subject_valid.flatten().nonzero().squeeze(1)
+
+
+def encode_images(image_encoder: CLIPVisionModelWithProjection, subject_pixels: torch.Tensor,
+                  real_slots: torch.Tensor | None = None) -> torch.Tensor:
+    """(batch, subjects, 3, size, size), normalised for the image encoder -> (batch, subjects, image_dim).
+
+    real_slots: flat indices into (batch * subjects) of the slots that hold a subject
+    (``real_subject_slots``); only those are encoded, the padding slots get zeros (no subject token
+    reads them). None encodes every slot.
+    """
+    batch, subjects = subject_pixels.shape[:2]
+    flat = subject_pixels.flatten(0, 1).to(image_encoder.dtype)
+    if real_slots is None:
+        return image_encoder(pixel_values=flat).image_embeds.view(batch, subjects, -1)
+    features = flat.new_zeros(batch * subjects, image_encoder.config.projection_dim)
+    if real_slots.numel():
+        encoded = image_encoder(pixel_values=flat.index_select(0, real_slots)).image_embeds
+        features = features.to(encoded.dtype).index_copy(0, real_slots, encoded)
+    return features.view(batch, subjects, -1)
+
+
 class MoAModel(nn.Module):
     """Frozen prior (VAE, text encoder, U-Net host layers, image encoder) + trainable MoA parts
     (personalized experts and routers inside the U-Net, and the multimodal prompt encoder).
@@ -203,12 +229,10 @@ class MoAModel(nn.Module):
         """(batch, tokens) -> (batch, tokens, text_dim), the frozen text encoder's last hidden state."""
         return self.text_encoder(input_ids)[0]
 
-    def encode_subjects(self, subject_pixels: torch.Tensor) -> torch.Tensor:
-        """(batch, subjects, 3, size, size), normalised for the image encoder -> (batch, subjects, image_dim).
-        Differentiable: the caller decides whether gradients are needed (``torch.no_grad``)."""
-        batch, subjects = subject_pixels.shape[:2]
-        features = self.image_encoder(pixel_values=subject_pixels.flatten(0, 1).to(self.image_encoder.dtype)).image_embeds
-        return features.view(batch, subjects, -1)
+    def encode_subjects(self, subject_pixels: torch.Tensor, real_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """``encode_images`` with this model's image encoder. Differentiable: the caller decides whether
+        gradients are needed (``torch.no_grad``)."""
+        return encode_images(self.image_encoder, subject_pixels, real_slots)
 
     def moa_inputs(self, text_embeddings: torch.Tensor, *, timesteps: torch.Tensor,
                    subject_features: torch.Tensor | None = None, subject_token_index: torch.Tensor | None = None,

@@ -22,7 +22,7 @@ from moa.models.losses import (
     latent_union_mask,
     min_snr_weights,
 )
-from moa.models.model import MoAModel
+from moa.models.model import MoAModel, real_subject_slots
 from moa.models.unet import loss_layer_names
 from moa.seeding import derived_seed, step_generator
 
@@ -210,6 +210,11 @@ class MoALitModule(pl.LightningModule):
 
     # ---- the step --------------------------------------------------------------------------------
 
+    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
+        """Index the real subject slots while the batch is still on the host: the image encoder then
+        skips the padding slots (half of them in a 2-slot batch of mostly single subjects)."""
+        return {**batch, "real_subject_slots": real_subject_slots(batch["subject_valid"])}
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches
         losses, stats = self.compute_losses(batch, step_generator(self, self.seed, micro_batch))
@@ -252,7 +257,7 @@ class MoALitModule(pl.LightningModule):
             text = model.encode_text(input_ids)
         # Outside no_grad only when some image-encoder layers train (model.net.image_encoder_trainable_layers).
         with torch.set_grad_enabled(model.image_encoder_trainable_layers > 0):
-            subject_features = model.encode_subjects(batch["subject_pixel_values"])
+            subject_features = model.encode_subjects(batch["subject_pixel_values"], batch.get("real_subject_slots"))
 
         moa = model.moa_inputs(
             text, timesteps=timesteps, subject_features=subject_features,
