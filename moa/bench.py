@@ -82,7 +82,8 @@ def _sd15_unet(device: str, dtype: torch.dtype = torch.float32):
 
     torch.manual_seed(0)
     with torch.device(device):
-        return UNet2DConditionModel(**SD15_UNET_CONFIG).to(dtype=dtype)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    return unet if dtype == torch.float32 else unet.to(dtype=dtype)
 
 
 def _image_encoder(device: str, dtype: torch.dtype):
@@ -217,8 +218,10 @@ def _encoders(device: str, dtype: torch.dtype):
 
     torch.manual_seed(0)
     with torch.device(device):
-        return (AutoencoderKL(**SD15_VAE).to(dtype=dtype).eval(),
-                CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT)).to(dtype=dtype).eval())
+        vae, text_encoder = AutoencoderKL(**SD15_VAE), CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT))
+    if dtype != torch.float32:
+        vae, text_encoder = vae.to(dtype=dtype), text_encoder.to(dtype=dtype)
+    return vae.eval(), text_encoder.eval()
 
 
 def encode_step(*, batch: int, latent: int, device: str, dtype: torch.dtype):
@@ -275,7 +278,18 @@ def _child_peak_memory(variant: str, batch: int, settings: dict) -> dict:
     step.prepare()
     for _ in range(2):
         step()
-    return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB -> GiB
+    return {"peak_memory_gib": _peak_resident_gib()}
+
+
+def _peak_resident_gib() -> float:
+    """This process's peak resident set. Linux's ``VmHWM`` starts afresh at ``exec``; ``ru_maxrss``
+    (the fallback elsewhere) carries the parent's peak over into a child."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB -> GiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def bench_train(settings: dict) -> dict:
@@ -286,6 +300,7 @@ def bench_train(settings: dict) -> dict:
     results = {"gflop_per_sample": flops, "encode_gflop_per_sample": encode,
                "encode_share_of_moa_step_flops": sum(encode.values()) / (sum(encode.values()) + flops["moa"])}
     for batch in settings["train_batches"]:
+        memory = {v: peak_memory_gib(v, batch, settings) for v in TRAIN_VARIANTS}
         steps = _train_steps_at(settings, TRAIN_VARIANTS, batch)
         encode = encode_step(batch=batch, latent=settings["latent"], device=settings["device"],
                              dtype=getattr(torch, settings["dtype"]))
@@ -293,7 +308,6 @@ def bench_train(settings: dict) -> dict:
                                       warmup=settings["warmup"], device=settings["device"])
         trainable = {v: sum(p.numel() for p in step.trainable) / 1e6 for v, step in steps.items()}
         del steps, encode
-        memory = {v: peak_memory_gib(v, batch, settings) for v in TRAIN_VARIANTS}
         row = {"step_seconds": seconds, "peak_memory_gib": memory, "trainable_parameters_m": trainable}
         for other in ("attention_only", "full"):
             row[f"moa_vs_{other}_time_ratio"] = seconds["moa"] / seconds[other]
