@@ -137,3 +137,46 @@ def test_image_encoder_skips_padding_slots_with_the_same_loss_and_gradients(comp
     assert any(k.startswith("model.image_encoder.") and grads_all[k].abs().sum() > 0 for k in grads_all)
     worst = max((grads_all[k] - grads_real[k]).abs().max().item() for k in grads_all)
     assert worst <= 1e-5, f"max gradient difference {worst:.2e}"
+
+
+def test_cached_latents_give_the_same_loss_and_gradients_and_travel_in_shards(compose_cfg, tiny_dir, synthetic_root,
+                                                                               tmp_path):
+    """``moa.data.latents`` stores the VAE's distribution; training from it draws the same latents."""
+    import shutil
+
+    from moa.data.latents import cache_latents
+    from moa.data.shards import pack_shards
+
+    root = tmp_path / "ffhq"
+    shutil.copytree(synthetic_root, root)
+    base = str(tiny_dir / "stable-diffusion")
+    with pytest.raises(hydra.errors.InstantiationException, match="no latent_cache.json; cache them first"):
+        hydra.utils.instantiate(compose_cfg(f"data.root={root}", "data.cached_latents=true").data)
+    cache_latents(root, base_model=base, resolution=64, batch_size=5)
+
+    results = []
+    for overrides in ([f"data.root={root}"], [f"data.root={root}", "data.cached_latents=true"]):
+        module, batch, _ = module_and_batch(compose_cfg, *overrides)
+        assert ("latent_moments" in batch) == ("data.cached_latents=true" in overrides)
+        with torch.no_grad():  # experts away from the prior: every gradient is non-trivial
+            for p in module.model.trainable_parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+        losses, _ = module.compute_losses(batch, torch.Generator().manual_seed(0))
+        losses["loss"].backward()
+        results.append((losses["loss"].detach(), {n: p.grad.clone() for n, p in module.named_parameters()
+                                                  if p.requires_grad}))
+    (loss, grads), (loss_cached, grads_cached) = results
+    assert torch.allclose(loss, loss_cached, atol=1e-6)
+    worst = max((grads[k] - grads_cached[k]).abs().max().item() for k in grads)
+    assert worst <= 1e-5, f"max gradient difference {worst:.2e}"
+
+    shards = pack_shards(root, tmp_path / "shards", samples_per_shard=10)
+    _, shard_batch, _ = module_and_batch(compose_cfg, f"data.root={shards}", "data.data_format=shards",
+                                         "data.cached_latents=true")
+    _, folder_batch, _ = module_and_batch(compose_cfg, f"data.root={root}", "data.cached_latents=true")
+    assert torch.equal(shard_batch["latent_moments"], folder_batch["latent_moments"])
+
+    for overrides, message in ((["data.target_flip_p=0.5"], "a cached latent cannot be flipped"),
+                               (["data.resolution=32"], "latents of resolution 64 .* needs resolution 32")):
+        with pytest.raises(hydra.errors.InstantiationException, match=message):
+            hydra.utils.instantiate(compose_cfg(f"data.root={root}", "data.cached_latents=true", *overrides).data)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from transformers import CLIPTokenizer
 
 from moa.data.ffhq import CorruptDataError, FFHQWildDataset, SubjectSource
+from moa.data.latents import check_latent_cache
 from moa.data.stores import open_store
 from moa.data.transforms import SubjectAugmentation, SubjectImageSpec
 from moa.pretrained import check_pretrained_path, tokenizer_source
@@ -73,6 +74,8 @@ class FFHQWildDataModule(pl.LightningDataModule):
             SynthWorld's ``ReferenceRenders``.
         augmentation: the subject-image augmentation of the training split (``SubjectAugmentation``), or None.
         target_flip_p: probability of flipping a training image together with its masks and boxes.
+        cached_latents: train from the VAE latents cached by ``moa.data.latents`` instead of encoding the
+            images in every step (then ``target_flip_p`` must be 0).
         val_split: the split of held-out subjects for the validation loss and samples (None: no validation).
         val_samples: how many of them (the first ones, always the same).
         max_corrupt_fraction: stop the run once more than this share of the samples tried (summed over
@@ -88,7 +91,8 @@ class FFHQWildDataModule(pl.LightningDataModule):
                  num_workers: int = 2, seed: int = 0, split: str = "train", data_format: str = "folder",
                  max_subjects: int = 4, max_corrupt_fraction: float = 0.05, base_model_config: str | None = None,
                  subject_source: SubjectSource | None = None, augmentation: SubjectAugmentation | None = None,
-                 target_flip_p: float = 0.0, val_split: str | None = "test", val_samples: int = 16):
+                 target_flip_p: float = 0.0, cached_latents: bool = False, val_split: str | None = "test",
+                 val_samples: int = 16):
         super().__init__()
         if not Path(root).is_dir():
             raise FileNotFoundError(f"data.root={root!r}: no such folder (expected FastComposer's FFHQ-wild layout)")
@@ -100,6 +104,12 @@ class FFHQWildDataModule(pl.LightningDataModule):
         self.resolution, self.batch_size, self.num_workers, self.seed = resolution, batch_size, num_workers, seed
         self.split, self.max_subjects, self.max_corrupt_fraction = split, max_subjects, max_corrupt_fraction
         self.augmentation, self.target_flip_p = augmentation, target_flip_p
+        self.cached_latents = cached_latents
+        if cached_latents:
+            if target_flip_p > 0:
+                raise ValueError(f"data.target_flip_p={target_flip_p} with data.cached_latents=true: a cached latent "
+                                 "cannot be flipped; set data.target_flip_p=0 or data.cached_latents=false")
+            check_latent_cache(open_store(root, data_format), resolution=resolution, base_model=base_model)
         self.val_split, self.val_samples = val_split, val_samples
         self.dataset: FFHQWildDataset | None = None
         self.val_dataset: FFHQWildDataset | None = None
@@ -109,6 +119,7 @@ class FFHQWildDataModule(pl.LightningDataModule):
         return FFHQWildDataset(
             self.root, split=split, data_format=self.data_format, resolution=self.resolution,
             max_subjects=self.max_subjects, subject_source=self.subject_source, seed=self.seed,
+            cached_latents=self.cached_latents,
             tokenizer=CLIPTokenizer.from_pretrained(self.tokenizer_source, subfolder="tokenizer"),
             subject_image_spec=SubjectImageSpec.from_pretrained(self.image_encoder), **kwargs)
 

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from moa.data.stores import open_store
+from moa.data.stores import latent_member, open_store
 from moa.data.subjects import MAX_SUBJECTS, token_positions
 from moa.data.transforms import SubjectAugmentation, SubjectImageSpec, image_to_tensor, resize_center_crop, subject_crop
 from moa.seeding import derived_seed
@@ -120,12 +120,18 @@ def target_subject(store, image_id: str, segment: dict, image: torch.Tensor, mas
     return image, mask, segment["bbox"]
 
 
+def target_pixels(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) in [0, 1] -> the U-Net's target image (3, size, size) in [-1, 1], centre-cropped."""
+    return resize_center_crop(image, size, "bilinear").clamp(0, 1) * 2.0 - 1.0
+
+
 class FFHQWildDataset(Dataset):
     """Training samples from an FFHQ-wild folder.
 
     Each item::
 
-        pixel_values          (3, R, R) float in [-1, 1]
+        pixel_values          (3, R, R) float in [-1, 1]; or, with ``cached_latents``,
+        latent_moments        (8, R/8, R/8) the VAE's latent mean and log-variance (``moa.data.latents``)
         input_ids             (T,) long, caption tokens padded to the tokenizer's max length
         subject_pixel_values  (S, 3, r, r) clip inputs (zeros where padded)
         subject_token_index   (S,) long, position of each subject's word (0 where padded)
@@ -144,8 +150,9 @@ class FFHQWildDataset(Dataset):
     def __init__(self, root: str | Path, *, tokenizer: PreTrainedTokenizerBase, subject_image_spec: SubjectImageSpec,
                  resolution: int, split: str = "train", data_format: str = "folder", max_subjects: int = MAX_SUBJECTS,
                  subject_source: SubjectSource | None = None, augmentation: SubjectAugmentation | None = None,
-                 target_flip_p: float = 0.0, seed: int = 0):
+                 target_flip_p: float = 0.0, cached_latents: bool = False, seed: int = 0):
         self.root = Path(root)
+        self.cached_latents = cached_latents
         self.store = open_store(root, data_format)
         if not 1 <= max_subjects <= MAX_SUBJECTS:
             raise ValueError(f"data.max_subjects={max_subjects}: expected 1..{MAX_SUBJECTS}")
@@ -227,8 +234,17 @@ class FFHQWildDataset(Dataset):
             subject_masks[slot] = resize_center_crop(mask[None], size, "nearest")[0]
             token_index[slot] = position
             valid[slot] = True
+        if self.cached_latents:
+            try:
+                target = {"latent_moments": torch.from_numpy(
+                    np.load(io.BytesIO(self.store.read(*latent_member(image_id, size))), allow_pickle=False))}
+            except (OSError, ValueError) as error:
+                raise CorruptSampleError(f"{image_id}: unreadable cached latent {latent_member(image_id, size)[0]}.npy "
+                                         f"({error})") from error
+        else:
+            target = {"pixel_values": target_pixels(image, size)}
         return {
-            "pixel_values": resize_center_crop(image, size, "bilinear").clamp(0, 1) * 2.0 - 1.0,
+            **target,
             "input_ids": input_ids,
             "subject_pixel_values": subject_pixels,
             "subject_token_index": token_index,

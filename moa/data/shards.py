@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moa.data.stores import SHARD_INDEX, FolderStore
+from moa.data.stores import CACHE_MANIFEST, SHARD_INDEX, FolderStore
 from moa.files import atomic_path, write_text
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ def pack_shards(root: str | os.PathLike, out: str | os.PathLike, *, samples_per_
             for member in tar.getmembers():
                 image_id, extension = member.name.rsplit(".", 1)
                 members.setdefault(image_id, {})[extension] = [name, member.offset_data, member.size]
+    if (source.root / CACHE_MANIFEST).exists():  # cached latents travel as companion files; their manifest too
+        write_text(out / CACHE_MANIFEST, (source.root / CACHE_MANIFEST).read_text())
     write_text(out / SHARD_INDEX, json.dumps({"splits": splits, "members": members}))
     log.info("packed %d samples into %s", len(ids), out)
     return out

@@ -12,6 +12,13 @@ from pathlib import Path
 
 SPLIT_FILES = {"all": "image_ids.txt", "train": "image_ids_train.txt", "test": "image_ids_test.txt"}
 SHARD_INDEX = "index.json"
+CACHE_MANIFEST = "latent_cache.json"  # which resolution and VAE the cached latents belong to (moa.data.latents)
+
+
+def latent_member(image_id: str, resolution: int) -> tuple[str, str]:
+    """(name, extension) of a sample's cached latent distribution, as ``read`` takes them: a companion
+    file ``<id>_latent<R>.npy`` beside the sample, so ``pack_shards`` carries it."""
+    return f"{image_id}_latent{resolution}", "npy"
 
 
 class FolderStore:
@@ -36,6 +43,10 @@ class FolderStore:
     def available_splits(self) -> list[str]:
         return [name for name, file in SPLIT_FILES.items() if (self.root / file).exists()]
 
+    def read_root(self, name: str) -> bytes:
+        """A file at the root (e.g. the latent cache's manifest)."""
+        return (self.root / name).read_bytes()
+
 
 class ShardStore:
     """Reads samples from shards written by ``pack_shards`` (one open file per shard and process)."""
@@ -56,6 +67,10 @@ class ShardStore:
 
     def available_splits(self) -> list[str]:
         return list(self.splits)
+
+    def read_root(self, name: str) -> bytes:
+        """A file beside the shards (``pack_shards`` copies the root's files there)."""
+        return (self.root / name).read_bytes()
 
     def read(self, image_id: str, extension: str) -> bytes:
         try:

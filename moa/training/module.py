@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import EMAModel
 
 from moa.data.transforms import empty_caption_ids
@@ -220,7 +221,7 @@ class MoALitModule(pl.LightningModule):
         losses, stats = self.compute_losses(batch, step_generator(self, self.seed, micro_batch))
         for name, value in {**losses, **stats}.items():
             # No prog_bar: the progress bar would read the value back from the device every step.
-            self.log(f"train/{name}", value, batch_size=batch["pixel_values"].shape[0])
+            self.log(f"train/{name}", value, batch_size=batch["input_ids"].shape[0])
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -230,16 +231,19 @@ class MoALitModule(pl.LightningModule):
         with self.averaged_weights():
             losses, stats = self.compute_losses(batch, generator, dropout=False)
         for name, value in {**losses, **stats}.items():
-            self.log(f"val/{name}", value, batch_size=batch["pixel_values"].shape[0], sync_dist=True)
+            self.log(f"val/{name}", value, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
     def compute_losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator, dropout: bool = True
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The training losses of one batch; ``dropout=False`` keeps every condition (validation)."""
         model = self.model
-        pixels = batch["pixel_values"]
-        batch_size, device = pixels.shape[0], pixels.device
+        batch_size, device = batch["input_ids"].shape[0], batch["input_ids"].device
         with torch.no_grad():
-            latents = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist.sample(generator)
+            if "latent_moments" in batch:  # data.cached_latents: the VAE's distribution, stored (moa.data.latents)
+                posterior = DiagonalGaussianDistribution(batch["latent_moments"])
+            else:
+                posterior = model.vae.encode(batch["pixel_values"].to(model.vae.dtype)).latent_dist
+            latents = posterior.sample(generator)
             latents = latents.float() * model.vae.config.scaling_factor  # fp32 even from a bf16/fp16 VAE
             noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
             timesteps = torch.randint(0, self.max_timestep, (batch_size,), generator=generator, device=device)
