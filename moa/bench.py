@@ -86,11 +86,12 @@ def _sd15_unet(device: str, dtype: torch.dtype = torch.float32):
     return unet if dtype == torch.float32 else unet.to(dtype=dtype)
 
 
-def _image_encoder(device: str, dtype: torch.dtype):
+def _image_encoder(device: str):
+    """fp32 weights under autocast, like the U-Net: training's default ``model.frozen_dtype``."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     with torch.device(device):
-        return CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14_VISION)).to(dtype=dtype).eval()
+        return CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14_VISION)).eval()
 
 
 def count_flops(run) -> float:
@@ -193,7 +194,7 @@ def train_steps(variants, *, batch: int, latent: int, device: str, dtype: torch.
         install_moa(unet)
         with torch.device(device):
             prompt_encoder = MultimodalPromptEncoder(image_dim=768, text_dim=768)
-        moa_parts = dict(image_encoder=_image_encoder(device, dtype if device == "cuda" else torch.float32),
+        moa_parts = dict(image_encoder=_image_encoder(device),
                          prompt_encoder=prompt_encoder, loss_layers=loss_layer_names(unet, MoAConfig()))
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -224,28 +225,20 @@ def _encoders(device: str, dtype: torch.dtype):
     return vae.eval(), text_encoder.eval()
 
 
-def encode_step(*, batch: int, latent: int, device: str, dtype: torch.dtype):
-    """What a real step runs before the U-Net (``MoALitModule.compute_losses``): the VAE encodes the
-    images (8x the latent size) and the text encoder the 77-token captions, frozen, without gradient."""
+def encode_runs(*, batch: int, latent: int, device: str, dtype: torch.dtype) -> dict:
+    """What a real step runs before the U-Net (``MoALitModule.compute_losses``), frozen and without
+    gradient: ``vae_encode`` of the images (8x the latent size), ``text_encoder`` of 77-token captions."""
     vae, text_encoder = _encoders(device, dtype)
     with torch.device(device):
         images, ids = torch.randn(batch, 3, 8 * latent, 8 * latent, dtype=dtype), torch.zeros(batch, 77, dtype=torch.long)
-
-    @torch.no_grad()
-    def run():
-        vae.encode(images).latent_dist.sample()
-        text_encoder(ids)
-    return run
+    return {"vae_encode": torch.no_grad()(lambda: vae.encode(images).latent_dist.sample()),
+            "text_encoder": torch.no_grad()(lambda: text_encoder(ids))}
 
 
 def encode_flops() -> dict[str, float]:
-    """GFLOP per sample of ``encode_step``'s two parts at SD1.5's 512x512 (meta tensors)."""
-    vae, text_encoder = _encoders("meta", torch.float32)
-    with torch.device("meta"):
-        image, ids = torch.randn(1, 3, 512, 512), torch.zeros(1, 77, dtype=torch.long)
-    with torch.no_grad():
-        return {"vae_encode": count_flops(lambda: vae.encode(image).latent_dist.sample()),
-                "text_encoder": count_flops(lambda: text_encoder(ids))}
+    """GFLOP per sample of ``encode_runs`` at SD1.5's 512x512 (meta tensors)."""
+    runs = encode_runs(batch=1, latent=FLOP_LATENT, device="meta", dtype=torch.float32)
+    return {name: count_flops(run) for name, run in runs.items()}
 
 
 def peak_memory_gib(variant: str, batch: int, settings: dict) -> float:
@@ -256,13 +249,9 @@ def peak_memory_gib(variant: str, batch: int, settings: dict) -> float:
         return json.loads(out.stdout.strip().splitlines()[-1])["peak_memory_gib"]
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    step = _train_steps_at(settings, [variant], batch)[variant]
-    step.prepare()
-    for _ in range(2):
-        step()
+    _train_alone(variant, batch, settings)
     _sync("cuda")
     peak = torch.cuda.max_memory_allocated() / 2**30
-    del step
     torch.cuda.empty_cache()
     return peak
 
@@ -273,12 +262,12 @@ def _train_steps_at(settings: dict, variants, batch: int) -> dict[str, TrainStep
                        dtype=getattr(torch, settings["dtype"]), checkpointing=threshold is not None and batch >= threshold)
 
 
-def _child_peak_memory(variant: str, batch: int, settings: dict) -> dict:
+def _train_alone(variant: str, batch: int, settings: dict) -> None:
+    """Two steps of ``variant`` with nothing else built: what its peak memory is read after."""
     step = _train_steps_at(settings, [variant], batch)[variant]
     step.prepare()
     for _ in range(2):
         step()
-    return {"peak_memory_gib": _peak_resident_gib()}
 
 
 def _peak_resident_gib() -> float:
@@ -302,12 +291,14 @@ def bench_train(settings: dict) -> dict:
     for batch in settings["train_batches"]:
         memory = {v: peak_memory_gib(v, batch, settings) for v in TRAIN_VARIANTS}
         steps = _train_steps_at(settings, TRAIN_VARIANTS, batch)
-        encode = encode_step(batch=batch, latent=settings["latent"], device=settings["device"],
-                             dtype=getattr(torch, settings["dtype"]))
-        seconds = interleaved_seconds({**steps, "encode": encode}, rounds=settings["rounds"],
+        encode_parts = list(encode_runs(batch=batch, latent=settings["latent"], device=settings["device"],
+                                        dtype=getattr(torch, settings["dtype"])).values())
+        seconds = interleaved_seconds({**steps, "encode": lambda: [run() for run in encode_parts]},
+                                      rounds=settings["rounds"],
                                       warmup=settings["warmup"], device=settings["device"])
         trainable = {v: sum(p.numel() for p in step.trainable) / 1e6 for v, step in steps.items()}
-        del steps, encode
+        del steps
+        encode_parts.clear()  # frees the VAE and text encoder before the next batch size's models
         row = {"step_seconds": seconds, "peak_memory_gib": memory, "trainable_parameters_m": trainable}
         for other in ("attention_only", "full"):
             row[f"moa_vs_{other}_time_ratio"] = seconds["moa"] / seconds[other]
@@ -541,7 +532,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = _device_settings()
     if args.train_variant:  # the per-variant child process of the CPU memory measurement
-        sys.stdout.write(json.dumps(_child_peak_memory(args.train_variant, args.train_batch, settings)) + "\n")
+        _train_alone(args.train_variant, args.train_batch, settings)
+        sys.stdout.write(json.dumps({"peak_memory_gib": _peak_resident_gib()}) + "\n")  # read by the parent
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(torch.get_num_threads())

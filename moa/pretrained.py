@@ -1,6 +1,7 @@
 """Where the parts of a pretrained model live: path checks that name the option, and single-file bases.
 
-Imported by data, models and the entry points alike, so it needs nothing beyond the standard library.
+Imported by data, models and the entry points alike, so it needs nothing beyond the standard library
+at import time (diffusers only inside the single-file loader).
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ def check_pretrained_path(path: str | os.PathLike, *, option: str, expect: str) 
 
 def is_single_file(base_model: str | os.PathLike) -> bool:
     return str(base_model).endswith(SINGLE_FILE_SUFFIXES)
+
+
+def load_single_file_pipeline(base_model: str | os.PathLike, base_model_config: str | None = None):
+    """A single-file SD1.5-family checkpoint (e.g. AbsoluteReality) as a diffusers pipeline, its component
+    configs and tokenizer from ``base_model_config`` (default: ``runwayml/stable-diffusion-v1-5``)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_single_file(str(base_model), config=base_model_config or DEFAULT_SINGLE_FILE_CONFIG,
+                                                    safety_checker=None, requires_safety_checker=False)
 
 
 def tokenizer_source(base_model: str | os.PathLike, base_model_config: str | None = None) -> str:

@@ -111,11 +111,11 @@ def test_micro_batches_of_one_accumulated_step_draw_different_noise(compose_cfg)
 
 
 def test_image_encoder_skips_padding_slots_with_the_same_loss_and_gradients(compose_cfg):
-    """``on_before_batch_transfer`` indexes the real subject slots; the image encoder then runs on those
-    alone, and nothing downstream may notice (padding slots feed no token)."""
+    """The DataModule's ``on_before_batch_transfer`` indexes the real subject slots; the image encoder then
+    runs on those alone, and nothing downstream may notice (padding slots feed no token)."""
     results = []
     for skip in (False, True):
-        module, batch, _ = module_and_batch(compose_cfg, "model.net.image_encoder_trainable_layers=1")
+        module, batch, datamodule = module_and_batch(compose_cfg, "model.net.image_encoder_trainable_layers=1")
         batch["subject_valid"][:] = False
         batch["subject_valid"][0, :2] = batch["subject_valid"][1, 0] = True
         with torch.no_grad():  # experts away from the prior: the subject tokens then change the prediction
@@ -123,7 +123,7 @@ def test_image_encoder_skips_padding_slots_with_the_same_loss_and_gradients(comp
                 if p.requires_grad:
                     p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
         if skip:
-            batch = module.on_before_batch_transfer(batch, 0)
+            batch = datamodule.on_before_batch_transfer(batch, 0)
         seen = []
         module.model.image_encoder.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["pixel_values"].shape[0]),
                                                              with_kwargs=True)

@@ -14,6 +14,7 @@ from transformers import CLIPTokenizer
 from moa.data.ffhq import CorruptDataError, FFHQWildDataset, SubjectSource
 from moa.data.latents import check_latent_cache
 from moa.data.stores import open_store
+from moa.data.subjects import real_subject_slots
 from moa.data.transforms import SubjectAugmentation, SubjectImageSpec
 from moa.pretrained import check_pretrained_path, tokenizer_source
 from moa.seeding import derived_seed
@@ -155,6 +156,11 @@ class FFHQWildDataModule(pl.LightningDataModule):
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
                           drop_last=True)
+
+    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
+        """Index the real subject slots while the batch is still on the host (``real_subject_slots``):
+        the image encoder then skips the padding slots, most of them in batches of single subjects."""
+        return {**batch, "real_subject_slots": real_subject_slots(batch["subject_valid"])}
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
         """Add this batch's skips, summed over ranks, to the run's totals; log them; stop past the threshold."""

@@ -30,9 +30,10 @@ from moa.data.ffhq import CorruptSampleError, read_raw_sample, target_pixels
 from moa.data.stores import CACHE_MANIFEST, FolderStore, latent_member
 from moa.data.transforms import image_to_tensor
 from moa.files import atomic_path, write_text
-from moa.pretrained import DEFAULT_SINGLE_FILE_CONFIG, check_pretrained_path, is_single_file
+from moa.pretrained import check_pretrained_path, is_single_file, load_single_file_pipeline
 
 log = logging.getLogger(__name__)
+
 
 def check_latent_cache(store, *, resolution: int, base_model: str) -> None:
     """Raise, naming the file and what was expected, unless ``store`` holds latents cached at
@@ -51,11 +52,10 @@ def check_latent_cache(store, *, resolution: int, base_model: str) -> None:
 
 def load_vae(base_model: str | os.PathLike):
     """The VAE of a diffusers folder or hub id, or of a single-file checkpoint (read as training reads it)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import AutoencoderKL
 
     if is_single_file(base_model):
-        return StableDiffusionPipeline.from_single_file(str(base_model), config=DEFAULT_SINGLE_FILE_CONFIG,
-                                                        safety_checker=None, requires_safety_checker=False).vae
+        return load_single_file_pipeline(base_model).vae
     return AutoencoderKL.from_pretrained(base_model, subfolder="vae")
 
 

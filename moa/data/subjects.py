@@ -6,7 +6,16 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
+import torch
+
 MAX_SUBJECTS = 4  # FastComposer's limit, kept so numbers stay comparable
+
+
+def real_subject_slots(subject_valid: torch.Tensor) -> torch.Tensor:
+    """(batch, subjects) bool -> (n,) flat indices of the slots that hold a subject (the image encoder
+    skips the padding ones). Computed on the host before the batch moves to the GPU: ``nonzero`` there
+    would wait for the device."""
+    return subject_valid.flatten().nonzero().squeeze(1)
 
 
 class SubjectBindingError(ValueError):

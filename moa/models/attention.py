@@ -57,8 +57,8 @@ def subject_attention_maps(query: torch.Tensor, key: torch.Tensor, token_index: 
     """Softmax attention probabilities at the subject tokens, averaged over heads.
 
     query (batch, heads, pixels, head_dim), key (batch, heads, tokens, head_dim), token_index
-    (batch, subjects), an additive ``attention_mask`` as SDPA takes it -> (batch, pixels, subjects). SDPA does not expose its probabilities; the object
-    loss needs them, so they are recomputed beside it. Over the ~77 text keys that is cheap next to the
+    (batch, subjects), an additive ``attention_mask`` as SDPA takes it -> (batch, pixels, subjects).
+    SDPA does not expose its probabilities; the object loss needs them, so they are recomputed beside it. Over the ~77 text keys that is cheap next to the
     attention output, and the output itself keeps the fused kernel.
     """
     scores = (query @ key.transpose(-1, -2)) * (1.0 / math.sqrt(query.shape[-1]))

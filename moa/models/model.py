@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -24,7 +24,7 @@ from moa.files import atomic_path, write_text
 from moa.models.inputs import MoAInputs
 from moa.models.prompt import MultimodalPromptEncoder, personalize_text
 from moa.models.unet import MoAConfig, MoALayoutError, install_moa, load_moa_state_dict, moa_state_dict
-from moa.pretrained import DEFAULT_SINGLE_FILE_CONFIG, check_pretrained_path, is_single_file
+from moa.pretrained import check_pretrained_path, is_single_file, load_single_file_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,7 @@ EXPORT_CONFIG = "moa_config.json"
 def load_base_components(base_model: str | os.PathLike, base_model_config: str | None = None) -> dict:
     """U-Net, VAE, text encoder, tokenizer and training noise schedule of an SD1.5-family model."""
     if is_single_file(base_model):
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(base_model), config=base_model_config or DEFAULT_SINGLE_FILE_CONFIG, safety_checker=None,
-            requires_safety_checker=False,
-        )
+        pipe = load_single_file_pipeline(base_model, base_model_config)
         return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
                 "noise_scheduler": DDPMScheduler.from_config(pipe.scheduler.config)}
     return {
@@ -72,13 +69,6 @@ def load_image_encoder(path: str | os.PathLike) -> CLIPVisionModelWithProjection
         return CLIPVisionModelWithProjection.from_pretrained(path)
     finally:
         transformers_logging.set_verbosity(verbosity)
-
-
-def real_subject_slots(subject_valid: torch.Tensor) -> torch.Tensor:
-    """(batch, subjects) bool -> (n,) flat indices of the slots that hold a subject, for
-    ``MoAModel.encode_subjects``. Computed on the host before the batch moves to the GPU (``nonzero``
-    there would wait for the device)."""
-    return subject_valid.flatten().nonzero().squeeze(1)
 
 
 def encode_images(image_encoder: CLIPVisionModelWithProjection, subject_pixels: torch.Tensor,

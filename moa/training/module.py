@@ -23,7 +23,7 @@ from moa.models.losses import (
     latent_union_mask,
     min_snr_weights,
 )
-from moa.models.model import MoAModel, real_subject_slots
+from moa.models.model import MoAModel
 from moa.models.unet import loss_layer_names
 from moa.seeding import derived_seed, step_generator
 
@@ -210,11 +210,6 @@ class MoALitModule(pl.LightningModule):
             self._pending_ema_state = checkpoint["ema"]  # loaded at train start, once on the right device
 
     # ---- the step --------------------------------------------------------------------------------
-
-    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
-        """Index the real subject slots while the batch is still on the host: the image encoder then
-        skips the padding slots (half of them in a 2-slot batch of mostly single subjects)."""
-        return {**batch, "real_subject_slots": real_subject_slots(batch["subject_valid"])}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches
