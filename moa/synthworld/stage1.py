@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -99,13 +99,17 @@ class PriorLitModule(pl.LightningModule):
         optimizer: factory ``params -> Optimizer``.
         caption_dropout: probability of training on the empty caption (classifier-free guidance).
         snr_gamma: min-SNR loss weighting (``min_snr_weights``); None: the plain noise MSE.
+        unet_block_out_channels: None: train the base folder's U-Net. A list of 4 widths: start instead
+            from a fresh U-Net of the base's config at these widths (random weights): the prior's capacity
+            as a lever, with the base's VAE and text encoder kept.
 
     A moving average of the weights is Lightning's ``EMAWeightAveraging`` callback (``+callbacks.ema``):
     the export then holds the average.
     """
 
     def __init__(self, *, base_model: str, optimizer: Callable, caption_dropout: float = 0.1,
-                 snr_gamma: float | None = None, seed: int = 0):
+                 snr_gamma: float | None = None, unet_block_out_channels: Sequence[int] | None = None,
+                 seed: int = 0):
         super().__init__()
         check_pretrained_path(base_model, option="model.base_model", expect="a diffusers Stable Diffusion folder")
         if snr_gamma is not None and snr_gamma <= 0:
@@ -113,12 +117,15 @@ class PriorLitModule(pl.LightningModule):
         self.base_model, self.optimizer_factory = base_model, optimizer
         self.caption_dropout, self.snr_gamma, self.seed = caption_dropout, snr_gamma, seed
         self.unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+        if unet_block_out_channels is not None:
+            self.unet = _fresh_unet(self.unet.config, unet_block_out_channels)
         self.text_encoder = CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder")
         self.vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae").requires_grad_(False).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer")
         self.noise_scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
         self.register_buffer("empty_input_ids", empty_caption_ids(self.tokenizer), persistent=False)
-        self.save_hyperparameters({"caption_dropout": caption_dropout, "snr_gamma": snr_gamma, "seed": seed})
+        self.save_hyperparameters({"caption_dropout": caption_dropout, "snr_gamma": snr_gamma, "seed": seed,
+                                   "unet_block_out_channels": unet_block_out_channels})
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -153,6 +160,16 @@ class PriorLitModule(pl.LightningModule):
                                 scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None,
                                 requires_safety_checker=False).save_pretrained(out_dir)
         return Path(out_dir)
+
+
+def _fresh_unet(config, block_out_channels: Sequence[int]) -> UNet2DConditionModel:
+    """A randomly initialised U-Net of ``config``'s topology at other widths."""
+    widths = tuple(int(w) for w in block_out_channels)
+    groups = config.norm_num_groups
+    if len(widths) != len(config.block_out_channels) or any(w <= 0 or w % groups for w in widths):
+        raise ValueError(f"model.unet_block_out_channels={list(block_out_channels)}: expected "
+                         f"{len(config.block_out_channels)} positive widths divisible by norm_num_groups={groups}")
+    return UNet2DConditionModel.from_config({**config, "block_out_channels": widths})
 
 
 def _pixels_and_ids(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
