@@ -2,6 +2,7 @@
 
 import functools
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -60,3 +61,18 @@ def test_prior_with_the_ema_callback_exports_the_averaged_weights(compose_cfg, t
     assert not torch.allclose(averaged, current), "three steps at lr 1e-2 must leave the average behind the weights"
     exported = UNet2DConditionModel.from_pretrained(export, subfolder="unet").conv_in.weight
     torch.testing.assert_close(exported, averaged, rtol=0, atol=0)
+
+
+def test_prior_at_other_widths_trains_from_a_fresh_unet_and_exports_a_base_moa_can_use(compose_cfg, tmp_path,
+                                                                                      tiny_dir):
+    base, export = tiny_dir / "stable-diffusion", tmp_path / "prior"
+    train(compose_cfg("model=prior", "callbacks=checkpoints", "trainer.max_steps=2", "data.batch_size=2",
+                      "model.unet_block_out_channels=[16,16,48,48]", f"base_model={base}", f"export_dir={export}",
+                      out=tmp_path / "run"))
+    unet = UNet2DConditionModel.from_pretrained(export, subfolder="unet")
+    assert tuple(unet.config.block_out_channels) == (16, 16, 48, 48)
+    model = MoAModel.from_pretrained(export, tiny_dir / "clip")
+    assert model.unet.config.block_out_channels == unet.config.block_out_channels
+    with pytest.raises(ValueError, match=r"model\.unet_block_out_channels=\[16, 12, 48, 48\].*norm_num_groups=8"):
+        PriorLitModule(base_model=str(base), optimizer=functools.partial(torch.optim.AdamW),
+                       unet_block_out_channels=[16, 12, 48, 48])
