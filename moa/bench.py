@@ -2,6 +2,7 @@
 
     python -m moa.bench                 # everything; CPU: 32x32 latents, fp32; GPU: 64x64 latents, bf16
     python -m moa.bench --only train    # some parts: train | sample | data | embedded | recipe
+                                        #   | train_compiled | sample_compiled (default on a GPU only)
 
 Parts:
 - train: one training step of an SD1.5-shape U-Net (random weights; ``TrainStep``) as MoA with a frozen
@@ -14,6 +15,11 @@ Parts:
   ratio, the floor it could reach. Also the share of a real step that the VAE and text encoder take.
 - sample: time and GFLOP per denoising step (classifier-free guidance, U-Net batch 2) of the MoA
   U-Net with 1 and 2 subjects and prior-only, against the plain U-Net.
+- train_compiled, sample_compiled: the same with the U-Net under ``torch.compile`` (as
+  ``model.compile_unet=true`` trains it; sampling on a GPU with CUDA graphs, ``mode="reduce-overhead"``)
+  beside eager, MoA against the full finetune / plain U-Net compiled alike; the first call's seconds
+  (compilation) reported apart. A variant that fails to compile is reported with its error, not dropped
+  silently. Meant for a GPU: on a CPU inductor compiles an SD1.5 U-Net for many minutes.
 - data: samples/second of the training DataModule (folder and shards; 0, 1 and 2 workers) against
   the samples/second one training step of the tiny default consumes.
 - embedded: wall time of ``python train.py``.
@@ -21,13 +27,14 @@ Parts:
   model.snr_gamma, model.ema_decay, model.frozen_dtype=bf16 against fp32 frozen weights, both under
   bf16 autocast) and per sample (data.augmentation + target flip), side by side in alternating rounds.
 
-Prints a table and writes JSON (ratios in ``*_ratio`` fields); ``moa/bench_results.json`` beside
+Prints a table and writes JSON after every part (ratios in ``*_ratio`` fields); ``moa/bench_results.json`` beside
 this file holds the latest committed run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import platform
@@ -44,6 +51,10 @@ log = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).with_name("bench_results.json")
 TRAIN_VARIANTS = ("moa", "moa_without_map_losses", "attention_only", "full")
+COMPILED = "_compiled"
+COMPILED_TRAIN_VARIANTS = ("moa", "full")
+PARTS = ("train", "sample", "data", "embedded", "recipe")
+COMPILED_PARTS = ("train_compiled", "sample_compiled")  # by default on a GPU only: inductor on a CPU takes long
 FLOP_LATENT = 64  # SD1.5 at 512x512: FLOPs are always counted at the real shape, batch 1
 
 # CLIP ViT-L/14 (the image encoder of MoA and FastComposer, and SD1.5's text encoder): published shapes.
@@ -60,9 +71,9 @@ def _device_settings() -> dict:
     small one. CPU: what fits 2 cores and 24 GiB in minutes."""
     if torch.cuda.is_available():
         return {"device": "cuda", "dtype": "bfloat16", "latent": 64, "train_batches": [4, 32],
-                "checkpointing_from_batch": 32, "rounds": 10, "warmup": 3}
+                "checkpointing_from_batch": 32, "rounds": 10, "warmup": 3, "compile_backend": "inductor"}
     return {"device": "cpu", "dtype": "float32", "latent": 32, "train_batches": [1], "checkpointing_from_batch": None,
-            "rounds": 3, "warmup": 1}
+            "rounds": 3, "warmup": 1, "compile_backend": "inductor"}
 
 
 def _sync(device: str) -> None:
@@ -113,7 +124,7 @@ class TrainStep:
     trainable; (d) ``full``: the whole U-Net trainable (FastComposer-style).
 
     ``unet`` may be shared between variants: ``prepare()`` (untimed) sets the trainable parameters of
-    this one.
+    this one. ``on(torch.compile(unet))`` gives the compiled twin, variant ``<name>_compiled``.
     """
 
     def __init__(self, variant: str, unet, *, batch: int, latent: int, device: str, dtype: torch.dtype,
@@ -144,6 +155,13 @@ class TrainStep:
             self.token_index = torch.tensor([2, 5]).expand(batch, -1)
             self.valid = torch.tensor([True, False]).expand(batch, -1)
         self.losses = (MaskedDenoisingLoss(), RouterLoss(), ObjectLocalizationLoss())
+
+    def on(self, unet) -> TrainStep:
+        """This step on another module of the same weights (``torch.compile(unet)``): the same inputs
+        and optimizer (one Adam state: two of a full finetune's would not fit a 24 GiB machine)."""
+        twin = copy.copy(self)
+        twin.variant, twin.unet = self.variant + COMPILED, unet
+        return twin
 
     def prepare(self) -> None:
         self.unet.requires_grad_(False)
@@ -181,10 +199,12 @@ class TrainStep:
 
 
 def train_steps(variants, *, batch: int, latent: int, device: str, dtype: torch.dtype,
-                checkpointing: bool = False) -> dict[str, TrainStep]:
+                checkpointing: bool = False, compile_backend: str | None = None) -> dict[str, TrainStep]:
     """The ``variants`` as ``TrainStep``s on one U-Net (two SD1.5 U-Nets and a full finetune's Adam state
     do not fit a 24 GiB machine). MoA is installed when a MoA variant is asked for; the plain variants
-    then call it without MoA inputs, which runs diffusers' own ``AttnProcessor2_0`` in every layer."""
+    then call it without MoA inputs, which runs diffusers' own ``AttnProcessor2_0`` in every layer.
+    With ``compile_backend``, each variant also as ``<variant>_compiled`` on ``torch.compile(unet)``
+    (same weights)."""
     from moa.models.prompt import MultimodalPromptEncoder
     from moa.models.unet import MoAConfig, install_moa, loss_layer_names
 
@@ -199,8 +219,12 @@ def train_steps(variants, *, batch: int, latent: int, device: str, dtype: torch.
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    return {variant: TrainStep(variant, unet, **(moa_parts if variant.startswith("moa") else {}), batch=batch,
-                               latent=latent, device=device, dtype=dtype) for variant in variants}
+    steps = {variant: TrainStep(variant, unet, **(moa_parts if variant.startswith("moa") else {}), batch=batch,
+                                latent=latent, device=device, dtype=dtype) for variant in variants}
+    if compile_backend is not None:
+        compiled = torch.compile(unet, backend=compile_backend)
+        steps.update({variant + COMPILED: steps[variant].on(compiled) for variant in variants})
+    return steps
 
 
 def train_flops() -> dict[str, float]:
@@ -256,10 +280,11 @@ def peak_memory_gib(variant: str, batch: int, settings: dict) -> float:
     return peak
 
 
-def _train_steps_at(settings: dict, variants, batch: int) -> dict[str, TrainStep]:
+def _train_steps_at(settings: dict, variants, batch: int, compile_backend: str | None = None) -> dict[str, TrainStep]:
     threshold = settings["checkpointing_from_batch"]
     return train_steps(variants, batch=batch, latent=settings["latent"], device=settings["device"],
-                       dtype=getattr(torch, settings["dtype"]), checkpointing=threshold is not None and batch >= threshold)
+                       dtype=getattr(torch, settings["dtype"]), checkpointing=threshold is not None and batch >= threshold,
+                       compile_backend=compile_backend)
 
 
 def _train_alone(variant: str, batch: int, settings: dict) -> None:
@@ -314,6 +339,55 @@ def bench_train(settings: dict) -> dict:
     return results
 
 
+def bench_train_compiled(settings: dict) -> dict:
+    """Per batch size: MoA and the full finetune, eager and compiled, timed in interleaved rounds after
+    one untimed first call each (its seconds: mostly compilation)."""
+    flops = train_flops()
+    results = {}
+    for batch in settings["train_batches"]:
+        steps = _train_steps_at(settings, COMPILED_TRAIN_VARIANTS, batch, compile_backend=settings["compile_backend"])
+        first, errors = first_call_seconds(steps, settings["device"])
+        seconds = interleaved_seconds(steps, rounds=settings["rounds"], warmup=settings["warmup"],
+                                      device=settings["device"])
+        del steps
+        row = {"step_seconds": seconds, "first_call_seconds": first, "errors": errors,
+               "moa_vs_full_flop_ratio": flops["moa"] / flops["full"]}
+        row.update(_compiled_ratios(seconds, COMPILED_TRAIN_VARIANTS))
+        if {"moa" + COMPILED, "full" + COMPILED} <= seconds.keys():
+            row["moa_vs_full_compiled_time_ratio"] = seconds["moa" + COMPILED] / seconds["full" + COMPILED]
+        results[f"batch_{batch}"] = row
+        log.info("compiled train batch %d: %s", batch, row)
+    return results
+
+
+def _compiled_ratios(seconds: dict[str, float], variants) -> dict[str, float]:
+    return {f"{v}_compiled_vs_eager_time_ratio": seconds[v + COMPILED] / seconds[v]
+            for v in variants if v + COMPILED in seconds}
+
+
+def first_call_seconds(runs: dict, device: str) -> tuple[dict[str, float], dict[str, str]]:
+    """Seconds of each run's first call (a compiled run compiles in it). A run that raises is taken out
+    of ``runs`` (in place) and its error returned, so one variant that does not compile costs the GPU
+    session its own numbers only."""
+    seconds, errors = {}, {}
+    for name in list(runs):
+        run = runs[name]
+        if hasattr(run, "prepare"):
+            run.prepare()
+        _sync(device)
+        start = time.perf_counter()
+        try:
+            run()
+            _sync(device)
+        except Exception as error:  # noqa: BLE001 - the failure is this variant's result, written to the JSON
+            log.exception("%s failed on its first call", name)
+            errors[name] = f"{type(error).__name__}: {error}"
+            del runs[name]
+            continue
+        seconds[name] = time.perf_counter() - start
+    return seconds, errors
+
+
 def interleaved_seconds(runs: dict, *, rounds: int, device: str, warmup: int = 0) -> dict[str, float]:
     """Median seconds per call of each function, measured in alternating rounds so that a change in
     the machine's load hits every candidate alike. A run with a ``prepare()`` gets it, untimed, first."""
@@ -331,9 +405,10 @@ def interleaved_seconds(runs: dict, *, rounds: int, device: str, warmup: int = 0
     return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
 
 
-def sample_runs(device: str, dtype: torch.dtype, latent: int) -> dict:
+def sample_runs(device: str, dtype: torch.dtype, latent: int, compile_backend: str | None = None) -> dict:
     """One denoising step with classifier-free guidance (U-Net batch 2), as ``MoAPipeline`` runs it: the
-    plain U-Net (diffusers' own processors) against MoA prior-only and with 1 or 2 subjects."""
+    plain U-Net (diffusers' own processors) against MoA prior-only and with 1 or 2 subjects. With
+    ``compile_backend``, each also as ``<name>_compiled`` (on a GPU with CUDA graphs)."""
     from moa.models.inputs import MoAInputs
     from moa.models.prompt import MultimodalPromptEncoder, personalize_text
     from moa.models.unet import install_moa
@@ -347,22 +422,33 @@ def sample_runs(device: str, dtype: torch.dtype, latent: int) -> dict:
         text = torch.randn(2, 77, 768, dtype=dtype)
         timestep = torch.tensor(500)
 
-    def with_subjects(subjects: int):
-        with torch.device(device):
-            features = torch.randn(2, subjects, 768, dtype=dtype)
-            token_index = torch.arange(2, 2 + subjects).expand(2, -1)
-            valid = torch.tensor([False, True])[:, None].expand(-1, subjects)  # the unconditional half: none
+        # Per subject count: image features, word positions, and which are real (the unconditional half: none).
+        subject_inputs = {subjects: (torch.randn(2, subjects, 768, dtype=dtype),
+                                     torch.arange(2, 2 + subjects).expand(2, -1),
+                                     torch.tensor([False, True])[:, None].expand(-1, subjects)) for subjects in (1, 2)}
+
+    def with_subjects(unet, subjects: int):
+        features, token_index, valid = subject_inputs[subjects]
 
         def run():
             words = torch.gather(text, 1, token_index[..., None].expand(-1, -1, 768))
             condition = personalize_text(text, encoder(features, words, timestep.expand(2)), token_index, valid)
-            unet(latents, timestep, text, cross_attention_kwargs={"moa": MoAInputs(personalized_condition=condition)})
+            return unet(latents, timestep, text, cross_attention_kwargs={"moa": MoAInputs(personalized_condition=condition)})
         return run
 
-    return {"plain": lambda: plain_unet(latents, timestep, text),
-            "moa_prior_only": lambda: unet(latents, timestep, text,
-                                           cross_attention_kwargs={"moa": MoAInputs(prior_only=True)}),
-            "moa_1_subject": with_subjects(1), "moa_2_subject": with_subjects(2)}
+    def runs_on(plain_unet, unet, suffix: str = "") -> dict:
+        return {"plain" + suffix: lambda: plain_unet(latents, timestep, text),
+                "moa_prior_only" + suffix: lambda: unet(latents, timestep, text,
+                                                        cross_attention_kwargs={"moa": MoAInputs(prior_only=True)}),
+                "moa_1_subject" + suffix: with_subjects(unet, 1), "moa_2_subject" + suffix: with_subjects(unet, 2)}
+
+    runs = runs_on(plain_unet, unet)
+    if compile_backend is not None:
+        # CUDA graphs replay a sampling step's fixed shapes; each subject count gets its own graph.
+        mode = "reduce-overhead" if device == "cuda" and compile_backend == "inductor" else None
+        runs.update(runs_on(torch.compile(plain_unet, backend=compile_backend, mode=mode),
+                            torch.compile(unet, backend=compile_backend, mode=mode), COMPILED))
+    return runs
 
 
 def bench_sample(settings: dict) -> dict:
@@ -376,6 +462,25 @@ def bench_sample(settings: dict) -> dict:
     for name in ("moa_1_subject", "moa_2_subject", "moa_prior_only"):
         results[f"{name}_vs_plain_time_ratio"] = seconds[name] / seconds["plain"]
         results[f"{name}_vs_plain_flop_ratio"] = flops[name] / flops["plain"]
+    return results
+
+
+def bench_sample_compiled(settings: dict) -> dict:
+    """Eager and compiled sampling steps in interleaved rounds, after one untimed first call each."""
+    with torch.no_grad():
+        flops = {name: count_flops(run) for name, run in sample_runs("meta", torch.float32, FLOP_LATENT).items()}
+        runs = sample_runs(settings["device"], getattr(torch, settings["dtype"]), settings["latent"],
+                           compile_backend=settings["compile_backend"])
+        first, errors = first_call_seconds(runs, settings["device"])
+        seconds = interleaved_seconds(runs, rounds=settings["rounds"] + 2, warmup=settings["warmup"],
+                                      device=settings["device"])
+    results = {"step_seconds": seconds, "first_call_seconds": first, "errors": errors}
+    results.update(_compiled_ratios(seconds, flops.keys()))
+    if "plain" + COMPILED in seconds:
+        for name in ("moa_1_subject", "moa_2_subject", "moa_prior_only"):
+            if name + COMPILED in seconds:
+                results[f"{name}_vs_plain_compiled_time_ratio"] = seconds[name + COMPILED] / seconds["plain" + COMPILED]
+                results[f"{name}_vs_plain_flop_ratio"] = flops[name] / flops["plain"]
     return results
 
 
@@ -525,7 +630,7 @@ def _table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["train", "sample", "data", "embedded", "recipe"], nargs="*")
+    parser.add_argument("--only", choices=[*PARTS, *COMPILED_PARTS], nargs="*")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON to write")
     parser.add_argument("--train-variant", choices=TRAIN_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--train-batch", type=int, help=argparse.SUPPRESS)
@@ -537,27 +642,24 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(torch.get_num_threads())
-    parts = args.only or ["train", "sample", "data", "embedded", "recipe"]
+    parts = args.only or [*PARTS, *(COMPILED_PARTS if settings["device"] == "cuda" else ())]
     results = {"command": "python -m moa.bench" + (f" --only {' '.join(parts)}" if args.only else ""),
                "settings": settings, "machine": {"platform": platform.platform(), "torch": torch.__version__,
                                                   "threads": torch.get_num_threads(),
                                                   "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
     with tempfile.TemporaryDirectory() as work:
+        benches = {"train": lambda: bench_train(settings), "sample": lambda: bench_sample(settings),
+                   "data": lambda: bench_data(settings, Path(work)), "embedded": lambda: bench_embedded(Path(work)),
+                   "recipe": lambda: bench_recipe(settings, Path(work)),
+                   "train_compiled": lambda: bench_train_compiled(settings),
+                   "sample_compiled": lambda: bench_sample_compiled(settings)}
         for part in parts:
             start = time.perf_counter()
-            if part == "train":
-                results["train"] = bench_train(settings)
-            elif part == "sample":
-                results["sample"] = bench_sample(settings)
-            elif part == "data":
-                results["data"] = bench_data(settings, Path(work))
-            elif part == "recipe":
-                results["recipe"] = bench_recipe(settings, Path(work))
-            else:
-                results["embedded"] = bench_embedded(Path(work))
+            results[part] = benches[part]()
             log.info("%s done in %.0fs", part, time.perf_counter() - start)
+            # Written after every part: a later part that fails (or a GPU lease that ends) keeps the earlier ones.
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
     log.info("results:\n%s", _table(results))
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
     log.info("wrote %s", args.out)
 
 

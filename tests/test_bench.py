@@ -28,3 +28,37 @@ def test_sampling_flops_with_one_subject_are_about_a_quarter_above_the_plain_une
     assert flops["moa_prior_only"] == pytest.approx(flops["plain"], rel=1e-6)
     assert flops["moa_1_subject"] / flops["plain"] == pytest.approx(1.26, abs=0.01)
     assert flops["moa_2_subject"] >= flops["moa_1_subject"]
+
+
+@pytest.mark.slow
+def test_compiled_bench_variants_compute_what_the_eager_ones_do():
+    """The GPU bench's compiled variants (``--only train_compiled sample_compiled``), traced here with
+    the ``aot_eager`` backend (dynamo + AOTAutograd, no code generation) at a small latent."""
+    from moa.bench import COMPILED, first_call_seconds, train_steps
+
+    steps = train_steps(("moa", "full"), batch=1, latent=8, device="cpu", dtype=torch.float32,
+                        compile_backend="aot_eager")
+    assert set(steps) == {"moa", "full", "moa" + COMPILED, "full" + COMPILED}
+    for variant in ("moa", "full"):
+        losses = []
+        for name in (variant, variant + COMPILED):
+            steps[name].prepare()
+            losses.append(steps[name].loss())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    moa_steps = {name: steps[name] for name in ("moa", "moa" + COMPILED)}
+    _, errors = first_call_seconds(moa_steps, "cpu")  # a whole step each: forward, backward, optimizer
+    assert errors == {} and len(moa_steps) == 2
+    del steps, moa_steps
+
+    with torch.no_grad():
+        runs = sample_runs("cpu", torch.float32, 8, compile_backend="aot_eager")
+        for name in ("plain", "moa_prior_only", "moa_1_subject", "moa_2_subject"):
+            torch.testing.assert_close(runs[name + COMPILED]().sample, runs[name]().sample, rtol=1e-4, atol=1e-5)
+
+    def broken():
+        raise RuntimeError("does not compile")
+
+    runs = {"ok": lambda: None, "broken" + COMPILED: broken}
+    seconds, errors = first_call_seconds(runs, "cpu")
+    assert set(runs) == {"ok"} and set(seconds) == {"ok"}
+    assert errors == {"broken" + COMPILED: "RuntimeError: does not compile"}
