@@ -111,7 +111,9 @@ def test_the_whole_reproduction_runs_end_to_end_and_resumes(tmp_path):
                                                ("variants=[synth_moa,synth_typo]", "synth_typo"),
                                                ("prior_described_fraction=1.5", "prior_described_fraction=1.5"),
                                                ("world_head_scale=0", "world_head_scale=0"),
-                                               ("prior=committed world_head_scale=1.5", "add judges=train")])
+                                               ("prior=committed world_head_scale=1.5", "add judges=train"),
+                                               ("world_object_scale=3.5", "world_object_scale=3.5"),
+                                               ("prior=committed world_object_scale=2", "world_object_scale=2")])
 def test_bad_choices_are_named_before_any_work(tmp_path, override, message):
     result = subprocess.run([sys.executable, "-m", "moa.synthworld", "scale=smoke", f"out={tmp_path}", *override.split()],
                             cwd=REPO, capture_output=True, text=True)
@@ -245,6 +247,28 @@ def test_larger_heads_show_more_skin_in_a_figure_of_the_same_height():
     assert 1.5 < skin[1] / skin[0] < 2.6, skin  # arms are skin too, so a little under 1.5**2
     shirt = [pixels_of(image, SHIRT_COLOUR["yellow"]) for image in (small, large)]
     assert abs(shirt[1] - shirt[0]) <= 0.05 * shirt[0], shirt
+
+
+def test_larger_objects_cover_scale_squared_pixels_and_leave_the_rest_of_the_scene():
+    """object_scale grows the object in place: about object_scale**2 its pixels, the same place, people
+    and caption wherever the larger object does not cover them."""
+    import random
+
+    from moa.synthworld.world import OBJECT_SEGMENT, Identity, render_scene
+
+    areas, uncovered_same = [], 0
+    for seed in range(20):
+        scenes = {scale: render_scene(random.Random(seed), [Identity.sample(random.Random(seed))], size=128,
+                                      object_scale=scale) for scale in (1.0, 2.0)}
+        (small, small_seg, small_ann), (large, large_seg, large_ann) = scenes[1.0], scenes[2.0]
+        assert small_ann["caption"] == large_ann["caption"]
+        areas.append(((small_seg == OBJECT_SEGMENT).sum(), (large_seg == OBJECT_SEGMENT).sum()))
+        elsewhere = (small_seg != OBJECT_SEGMENT) & (large_seg != OBJECT_SEGMENT)
+        uncovered_same += bool((small_seg[elsewhere] == large_seg[elsewhere]).all()
+                               and (np.asarray(small)[elsewhere] == np.asarray(large)[elsewhere]).all())
+    small_area, large_area = np.array(areas).sum(0)
+    assert 3.3 < large_area / small_area < 4.7, (small_area, large_area)
+    assert uncovered_same == 20
 
 
 def test_a_resumed_reproduction_refuses_a_world_written_with_other_options(tmp_path):

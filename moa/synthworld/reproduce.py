@@ -17,6 +17,7 @@ command resumes the reproduction. Writes ``results.md``, ``results.json``, ``tim
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import subprocess
@@ -75,7 +76,7 @@ def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> t
 
         prior_world = world.with_name("world_described")
         write_synthetic_ffhq(prior_world, num_samples=cfg.scale.world_samples, size=IMAGE_SIZE, seed=cfg.seed,
-                             described_fraction=cfg.prior_described_fraction, head_scale=cfg.world_head_scale)
+                             described_fraction=cfg.prior_described_fraction, **world_shape(cfg))
         run_stage("stage1_prior", [*common, f"embedded.data_root={prior_world}", "experiment=synth_prior",
                                    f"hydra.run.dir={out}/stage1_prior", f"base_model={out}/vae",
                                    f"export_dir={out}/prior"], out / "prior" / "model_index.json", timings)
@@ -95,6 +96,11 @@ def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> t
     return prior, image_encoder, weights
 
 
+def world_shape(cfg: DictConfig) -> dict[str, float]:
+    """``write_synthetic_ffhq``'s drawing options from the config's ``world_*`` ones."""
+    return {"head_scale": cfg.world_head_scale, "object_scale": cfg.world_object_scale}
+
+
 def uses_committed_judges(cfg: DictConfig) -> bool:
     return cfg.judges == "committed" or (cfg.judges == "auto" and cfg.prior != "train")
 
@@ -106,10 +112,13 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.judges not in ("auto", "train", "committed"):
         raise ConfigError(f"judges={cfg.judges!r}: expected 'auto', 'train' or 'committed'")
     check_ranges(cfg, {"prior_described_fraction": Range(False, 0.0, 1.0, "a share of scenes in [0, 1]"),
-                       "world_head_scale": Range(False, 0.5, 2.0, "a head size factor in (0.5, 2]", above_low=True)})
-    if uses_committed_judges(cfg) and cfg.world_head_scale != 1.0:
-        raise ConfigError(f"world_head_scale={cfg.world_head_scale} with the committed judges, which read the default "
-                          "world's heads (world_head_scale=1.0): add judges=train")
+                       "world_head_scale": Range(False, 0.5, 2.0, "a head size factor in (0.5, 2]", above_low=True),
+                       "world_object_scale": Range(False, 0.5, 3.0, "an object size factor in (0.5, 3]",
+                                                   above_low=True)})
+    redrawn = {f"world_{key}={value}" for key, value in world_shape(cfg).items() if value != 1.0}
+    if uses_committed_judges(cfg) and redrawn:
+        raise ConfigError(f"{', '.join(sorted(redrawn))} with the committed judges, which read the default world "
+                          "(every world_* option 1.0): add judges=train")
     experiments = Path(CONFIG_DIR) / "experiment"
     unknown = [v for v in cfg.variants if not (experiments / f"{v}.yaml").exists()]
     if unknown:
@@ -118,12 +127,14 @@ def check_config(cfg: DictConfig) -> None:
 
 def check_world_reuse(world: Path, asked: dict) -> None:
     """A resumed run reuses ``world`` (and every stage trained on it): refuse one written with other
-    options. Worlds from before ``world.json`` existed are not checked."""
-    from moa.synthworld.world import WORLD_FILE
+    options. Worlds from before ``world.json`` existed are not checked; an option added to
+    ``write_synthetic_ffhq`` after a world was written counts as its default there."""
+    from moa.synthworld.world import WORLD_FILE, write_synthetic_ffhq
 
     if not (world / WORLD_FILE).exists():
         return
-    written = json.loads((world / WORLD_FILE).read_text())
+    defaults = {name: p.default for name, p in inspect.signature(write_synthetic_ffhq).parameters.items()}
+    written = defaults | json.loads((world / WORLD_FILE).read_text())
     differing = {key: (written[key], value) for key, value in asked.items() if key in written and written[key] != value}
     if differing:
         raise ConfigError(f"{world / WORLD_FILE}: this run's world was written with other options, "
@@ -144,14 +155,14 @@ def reproduce(cfg: DictConfig) -> dict:
     timings = Timings(out / "timings.json")
     start = time.perf_counter()
     world = out / "world"
-    asked = {"num_samples": cfg.scale.world_samples, "seed": cfg.seed, "head_scale": cfg.world_head_scale}
+    asked = {"num_samples": cfg.scale.world_samples, "seed": cfg.seed, **world_shape(cfg)}
     check_world_reuse(world, asked)
     if cfg.prior == "train":
         check_world_reuse(world.with_name("world_described"),
                           asked | {"described_fraction": cfg.prior_described_fraction})
     if not (world / "image_ids.txt").exists():
         write_synthetic_ffhq(world, num_samples=cfg.scale.world_samples, size=IMAGE_SIZE, seed=cfg.seed,
-                             head_scale=cfg.world_head_scale)
+                             **world_shape(cfg))
         timings.record("world", time.perf_counter() - start)
     prior, image_encoder, weights = train_models(cfg, out, world, timings)
 

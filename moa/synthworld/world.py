@@ -135,9 +135,10 @@ def _draw_person(canvas: ImageDraw.ImageDraw, labels: ImageDraw.ImageDraw, ident
 
 
 def render_scene(rng: random.Random, identities: list[Identity], *, size: int, described: bool = False,
-                 head_scale: float = 1.0) -> tuple[Image.Image, np.ndarray, dict]:
+                 head_scale: float = 1.0, object_scale: float = 1.0) -> tuple[Image.Image, np.ndarray, dict]:
     """One scene: image, segment map and FFHQ-wild annotation for ``identities`` (1 or 2 people).
-    ``described``: the caption names each person's identity attributes (``identity_details``)."""
+    ``described``: the caption names each person's identity attributes (``identity_details``).
+    ``object_scale``: the object this much larger (across) than the default world's, at the same place."""
     place = rng.choice(list(BACKGROUNDS))
     sky, floor, floor_label = BACKGROUNDS[place]
     horizon = int(size * rng.uniform(0.45, 0.65))
@@ -159,7 +160,7 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int, d
                                    segment_id=PERSON_SEGMENTS[index], arm_up=holds and index == 0,
                                    head_scale=head_scale)
         hand = hand or person_hand
-    obj_r = size * 0.07
+    obj_r = size * 0.07 * object_scale
     ox, oy = hand if holds else (size * rng.uniform(0.1, 0.9), size * rng.uniform(0.75, 0.9))
     colour = OBJECT_COLOUR[obj_colour]
     box = (ox - obj_r, oy - obj_r, ox + obj_r, oy + obj_r)
@@ -170,8 +171,9 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int, d
         canvas.rectangle((box[0] + obj_r * 0.4, box[1], box[2] - obj_r * 0.4, box[3]), fill=colour)
         labels.rectangle((box[0] + obj_r * 0.4, box[1], box[2] - obj_r * 0.4, box[3]), fill=OBJECT_SEGMENT)
     else:
-        canvas.line([(ox, oy + obj_r), (ox, oy - obj_r * 0.3)], fill=(30, 130, 40), width=2)
-        labels.line([(ox, oy + obj_r), (ox, oy - obj_r * 0.3)], fill=OBJECT_SEGMENT, width=2)
+        stem = max(1, round(2 * object_scale))
+        canvas.line([(ox, oy + obj_r), (ox, oy - obj_r * 0.3)], fill=(30, 130, 40), width=stem)
+        labels.line([(ox, oy + obj_r), (ox, oy - obj_r * 0.3)], fill=OBJECT_SEGMENT, width=stem)
         canvas.ellipse((ox - obj_r * 0.6, oy - obj_r, ox + obj_r * 0.6, oy - obj_r * 0.1), fill=colour)
         labels.ellipse((ox - obj_r * 0.6, oy - obj_r, ox + obj_r * 0.6, oy - obj_r * 0.1), fill=OBJECT_SEGMENT)
 
@@ -243,21 +245,24 @@ def sample_dir(root: Path, image_id: str) -> Path:
 
 def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size: int = 128, seed: int = 0,
                          two_subject_fraction: float = 0.3, test_fraction: float = 0.125,
-                         described_fraction: float = 0.0, head_scale: float = 1.0) -> Path:
+                         described_fraction: float = 0.0, head_scale: float = 1.0,
+                         object_scale: float = 1.0) -> Path:
     """Render ``num_samples`` scenes into ``root`` in the FFHQ-wild layout; atomic (temp dir + rename).
 
     ``described_fraction``: the share of scenes whose caption also names their people's identity
     attributes, as web captions sometimes describe a person (the prior's world: a prior that never read
     "red hair" has no text path that draws it). Drawn from a generator of its own, so the scenes are
     the same whatever the fraction. ``head_scale``: heads this much larger than the default world's
-    (``_draw_person``). The arguments are recorded in ``root/world.json``. Does nothing if ``root``
-    already holds a complete data set (training runs point at an existing world this way).
+    (``_draw_person``); ``object_scale``: objects this much larger across (``render_scene``). The
+    arguments are recorded in ``root/world.json``. Does nothing if ``root`` already holds a complete
+    data set (training runs point at an existing world this way).
     """
     root = Path(root)
     if (root / "image_ids.txt").exists():
         return root
     arguments = {"num_samples": num_samples, "size": size, "seed": seed, "two_subject_fraction": two_subject_fraction,
-                 "test_fraction": test_fraction, "described_fraction": described_fraction, "head_scale": head_scale}
+                 "test_fraction": test_fraction, "described_fraction": described_fraction, "head_scale": head_scale,
+                 "object_scale": object_scale}
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     rng, describe_rng = random.Random(seed), random.Random(derived_seed(seed, DESCRIBED_STREAM))
@@ -267,7 +272,7 @@ def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size
         identities = [Identity.sample(rng) for _ in range(count)]
         described = describe_rng.random() < described_fraction
         image, seg, annotation = render_scene(rng, identities, size=size, described=described,
-                                              head_scale=head_scale)
+                                              head_scale=head_scale, object_scale=object_scale)
         image_id = sample_id(index)
         folder = sample_dir(staging, image_id)
         folder.mkdir(exist_ok=True)
