@@ -271,17 +271,26 @@ def test_larger_objects_cover_scale_squared_pixels_and_leave_the_rest_of_the_sce
     assert uncovered_same == 20
 
 
-def test_a_resumed_reproduction_refuses_a_world_written_with_other_options(tmp_path):
-    """Re-running the command resumes on ``out``'s world: with another world_head_scale it must stop,
-    naming the file and the option, not train on the old world's scenes."""
-    from moa.synthworld.world import write_synthetic_ffhq
+@pytest.mark.parametrize("override, differing, recorded_before_the_option", [
+    ("world_head_scale=1.5", "'head_scale': (1.0, 1.5)", False),
+    ("world_object_scale=2 judges=train", "'object_scale': (1.0, 2.0)", True)])
+def test_a_resumed_reproduction_refuses_a_world_written_with_other_options(tmp_path, override, differing,
+                                                                             recorded_before_the_option):
+    """Re-running the command resumes on ``out``'s world: with another world option it must stop,
+    naming the file and the option, not train on the old world's scenes; a world.json written before
+    an option existed counts as that option's default."""
+    from moa.synthworld.world import WORLD_FILE, write_synthetic_ffhq
 
     write_synthetic_ffhq(tmp_path / "world", num_samples=8, size=32, seed=0)
-    assert json.loads((tmp_path / "world" / "world.json").read_text())["head_scale"] == 1.0
+    recorded = json.loads((tmp_path / "world" / WORLD_FILE).read_text())
+    assert recorded["head_scale"] == 1.0 and recorded["object_scale"] == 1.0
+    if recorded_before_the_option:
+        del recorded["object_scale"]
+        (tmp_path / "world" / WORLD_FILE).write_text(json.dumps(recorded))
     result = subprocess.run([sys.executable, "-m", "moa.synthworld", "scale=smoke", f"out={tmp_path}",
-                             "world_head_scale=1.5"], cwd=REPO, capture_output=True, text=True)
+                             *override.split()], cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0
-    assert "world.json" in result.stdout + result.stderr and "'head_scale': (1.0, 1.5)" in result.stdout + result.stderr
+    assert "world.json" in result.stdout + result.stderr and differing in result.stdout + result.stderr
     assert not (tmp_path / "judges").exists() and not (tmp_path / "synth_moa").exists()
 
 

@@ -98,7 +98,7 @@ def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> t
 
 def world_shape(cfg: DictConfig) -> dict[str, float]:
     """``write_synthetic_ffhq``'s drawing options from the config's ``world_*`` ones."""
-    return {"head_scale": cfg.world_head_scale, "object_scale": cfg.world_object_scale}
+    return {"head_scale": float(cfg.world_head_scale), "object_scale": float(cfg.world_object_scale)}
 
 
 def uses_committed_judges(cfg: DictConfig) -> bool:
