@@ -133,9 +133,10 @@ def check_world_reuse(world: Path, asked: dict) -> None:
 
     if not (world / WORLD_FILE).exists():
         return
-    defaults = {name: p.default for name, p in inspect.signature(write_synthetic_ffhq).parameters.items()}
+    defaults = {name: parameter.default for name, parameter in inspect.signature(write_synthetic_ffhq).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
     written = defaults | json.loads((world / WORLD_FILE).read_text())
-    differing = {key: (written[key], value) for key, value in asked.items() if key in written and written[key] != value}
+    differing = {key: (written[key], value) for key, value in asked.items() if written[key] != value}
     if differing:
         raise ConfigError(f"{world / WORLD_FILE}: this run's world was written with other options, "
                           f"(written, asked): {differing}; use another out= or delete {world.parent}")
