@@ -86,6 +86,12 @@ def test_the_whole_reproduction_runs_end_to_end_and_resumes(tmp_path):
             information = variant["identity_information"][split]
             assert information["pairs"] > 0 and np.isfinite(information["gain"])
             assert information["gain"] == pytest.approx(1 - information["own"] / information["shuffled"], rel=1e-3, abs=1e-6)
+            # the timestep quarters partition the pairs: counts and pair-weighted errors add up to the whole
+            quarters = information["by_timestep"]
+            assert sum(q["pairs"] for q in quarters) == information["pairs"]
+            for name in ("own", "shuffled", "none"):
+                assert sum(q[name] * q["pairs"] for q in quarters) / information["pairs"] == pytest.approx(information[name], rel=1e-4)
+            assert all(low < high for low, high in (q["timesteps"] for q in quarters))
     assert set(results["timings_seconds"]) >= {"world", "stage1_vae", "stage1_prior", "synth_moa", "judges", "evaluation"}
     assert "| claim |" in (out / "results.md").read_text()
     assert Image.open(out / "fig7_synth_moa.png").size[0] > 64 and (out / "router_maps_synth_moa.png").exists()

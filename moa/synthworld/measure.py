@@ -321,13 +321,16 @@ def identity_information_gain(model: MoAModel, world: Path, prior: str, image_en
     three; ``draws`` noise/timestep draws per sample, seeded.
 
     Returns the three mean errors, ``gain`` = (shuffled - own) / shuffled (the share of the subject
-    pixels' error the right identity removes; 0 = the image is ignored) and the standard error of
-    shuffled - own over the paired per-sample differences.
+    pixels' error the right identity removes; 0 = the image is ignored), the standard error of
+    shuffled - own over the paired per-sample differences, and ``by_timestep``: the same numbers for each
+    quarter of the training timesteps, low noise first (where sampling would decide an attribute the
+    subject image does not reach, the gain of that quarter stays near 0).
     """
     data = FFHQWildDataModule(root=str(world), base_model=prior, image_encoder=image_encoder, resolution=IMAGE_SIZE,
                               batch_size=16, num_workers=0, seed=seed, subject_source=ReferenceRenders(),
                               val_split=split, val_samples=samples)
     errors = {"own": [], "shuffled": [], "none": []}
+    drawn_timesteps = []
     for index, batch in enumerate(data.val_dataloader()):
         generator = torch.Generator().manual_seed(seed * 100_003 + index)
         subject_features = model.encode_subjects(batch["subject_pixel_values"])
@@ -341,6 +344,7 @@ def identity_information_gain(model: MoAModel, world: Path, prior: str, image_en
             timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
             noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
             target = denoising_target(model.noise_scheduler, latents, noise, timesteps)
+            drawn_timesteps.append(timesteps)
             for name, features, valid in (("own", subject_features, batch["subject_valid"]),
                                           ("shuffled", subject_features[another], batch["subject_valid"]),
                                           ("none", subject_features, torch.zeros_like(batch["subject_valid"]))):
@@ -350,6 +354,19 @@ def identity_information_gain(model: MoAModel, world: Path, prior: str, image_en
                 squared = ((prediction - target) ** 2).mean(1, keepdim=True) * masks
                 errors[name].append(squared.flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1e-6))
     errors = {name: torch.cat(values) for name, values in errors.items()}
+    drawn_timesteps = torch.cat(drawn_timesteps)
+    quarter = model.noise_scheduler.config.num_train_timesteps / 4
+    by_timestep = []
+    for low in range(4):
+        selected = (drawn_timesteps >= low * quarter) & (drawn_timesteps < (low + 1) * quarter)
+        if selected.any():
+            by_timestep.append({"timesteps": [round(low * quarter), round((low + 1) * quarter)],
+                                **_paired_gain({name: values[selected] for name, values in errors.items()})})
+    return {**_paired_gain(errors), "by_timestep": by_timestep}
+
+
+def _paired_gain(errors: dict) -> dict:
+    """{"own", "shuffled", "none": (n,) per-sample errors} -> their means, the gain and its standard error."""
     difference = errors["shuffled"] - errors["own"]
     return {**{name: values.mean().item() for name, values in errors.items()},
             "gain": (difference.mean() / errors["shuffled"].mean()).item(),
