@@ -354,14 +354,11 @@ def identity_information_gain(model: MoAModel, world: Path, prior: str, image_en
                 squared = ((prediction - target) ** 2).mean(1, keepdim=True) * masks
                 errors[name].append(squared.flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1e-6))
     errors = {name: torch.cat(values) for name, values in errors.items()}
-    drawn_timesteps = torch.cat(drawn_timesteps)
-    quarter = model.noise_scheduler.config.num_train_timesteps / 4
-    by_timestep = []
-    for low in range(4):
-        selected = (drawn_timesteps >= low * quarter) & (drawn_timesteps < (low + 1) * quarter)
-        if selected.any():
-            by_timestep.append({"timesteps": [round(low * quarter), round((low + 1) * quarter)],
-                                **_paired_gain({name: values[selected] for name, values in errors.items()})})
+    num_train_timesteps = model.noise_scheduler.config.num_train_timesteps
+    quarter_of = torch.cat(drawn_timesteps) * 4 // num_train_timesteps  # 0 = lowest noise
+    by_timestep = [{"timesteps": [q * num_train_timesteps // 4, (q + 1) * num_train_timesteps // 4],
+                    **_paired_gain({name: values[quarter_of == q] for name, values in errors.items()})}
+                   for q in range(4) if (quarter_of == q).any()]
     return {**_paired_gain(errors), "by_timestep": by_timestep}
 
 
