@@ -119,7 +119,9 @@ def test_the_whole_reproduction_runs_end_to_end_and_resumes(tmp_path):
                                                ("world_head_scale=0", "world_head_scale=0"),
                                                ("prior=committed world_head_scale=1.5", "add judges=train"),
                                                ("world_object_scale=3.5", "world_object_scale=3.5"),
-                                               ("prior=committed world_object_scale=2", "world_object_scale=2")])
+                                               ("prior=committed world_object_scale=2", "world_object_scale=2"),
+                                               ("world_figure_scale=2.5", "world_figure_scale=2.5"),
+                                               ("prior=committed world_figure_scale=1.6", "world_figure_scale=1.6")])
 def test_bad_choices_are_named_before_any_work(tmp_path, override, message):
     result = subprocess.run([sys.executable, "-m", "moa.synthworld", "scale=smoke", f"out={tmp_path}", *override.split()],
                             cwd=REPO, capture_output=True, text=True)
@@ -275,6 +277,30 @@ def test_larger_objects_cover_scale_squared_pixels_and_leave_the_rest_of_the_sce
     small_area, large_area = np.array(areas).sum(0)
     assert 3.3 < large_area / small_area < 4.7, (small_area, large_area)
     assert uncovered_same == 20
+
+
+def test_larger_figures_grow_about_the_head_top_and_keep_the_scene():
+    """figure_scale magnifies each person about the top of their head: the same caption and head top,
+    about figure_scale**2 the person's pixels (less where the legs leave the bottom edge), and at 1.0
+    the default world's scene to the pixel."""
+    import random
+
+    from moa.synthworld.world import PERSON_SEGMENTS, Identity, render_scene
+
+    areas = []
+    for seed in range(20):
+        identity = [Identity.sample(random.Random(seed))]
+        default, default_seg, default_ann = render_scene(random.Random(seed), identity, size=128)
+        scenes = {scale: render_scene(random.Random(seed), identity, size=128, figure_scale=scale) for scale in (1.0, 1.6)}
+        (same, same_seg, _), (large, large_seg, large_ann) = scenes[1.0], scenes[1.6]
+        assert (np.asarray(same) == np.asarray(default)).all() and (same_seg == default_seg).all()
+        assert large_ann["caption"] == default_ann["caption"]
+        person = PERSON_SEGMENTS.start
+        top = [np.nonzero((seg == person).any(1))[0].min() for seg in (default_seg, large_seg)]
+        assert abs(int(top[1]) - int(top[0])) <= 1, (seed, top)
+        areas.append(((default_seg == person).sum(), (large_seg == person).sum()))
+    small_area, large_area = np.array(areas).sum(0)
+    assert 1.6 < large_area / small_area < 1.6 ** 2, (small_area, large_area)
 
 
 @pytest.mark.parametrize("override, differing, recorded_before_the_option", [

@@ -98,7 +98,8 @@ def train_models(cfg: DictConfig, out: Path, world: Path, timings: Timings) -> t
 
 def world_shape(cfg: DictConfig) -> dict[str, float]:
     """``write_synthetic_ffhq``'s drawing options from the config's ``world_*`` ones."""
-    return {"head_scale": float(cfg.world_head_scale), "object_scale": float(cfg.world_object_scale)}
+    return {"head_scale": float(cfg.world_head_scale), "object_scale": float(cfg.world_object_scale),
+            "figure_scale": float(cfg.world_figure_scale)}
 
 
 def uses_committed_judges(cfg: DictConfig) -> bool:
@@ -114,6 +115,8 @@ def check_config(cfg: DictConfig) -> None:
     check_ranges(cfg, {"prior_described_fraction": Range(False, 0.0, 1.0, "a share of scenes in [0, 1]"),
                        "world_head_scale": Range(False, 0.5, 2.0, "a head size factor in (0.5, 2]", above_low=True),
                        "world_object_scale": Range(False, 0.5, 3.0, "an object size factor in (0.5, 3]",
+                                                   above_low=True),
+                       "world_figure_scale": Range(False, 0.5, 2.0, "a figure size factor in (0.5, 2]",
                                                    above_low=True)})
     redrawn = {f"world_{key}={value}" for key, value in world_shape(cfg).items() if value != 1.0}
     if uses_committed_judges(cfg) and redrawn:

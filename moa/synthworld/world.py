@@ -135,10 +135,13 @@ def _draw_person(canvas: ImageDraw.ImageDraw, labels: ImageDraw.ImageDraw, ident
 
 
 def render_scene(rng: random.Random, identities: list[Identity], *, size: int, described: bool = False,
-                 head_scale: float = 1.0, object_scale: float = 1.0) -> tuple[Image.Image, np.ndarray, dict]:
+                 head_scale: float = 1.0, object_scale: float = 1.0, figure_scale: float = 1.0
+                 ) -> tuple[Image.Image, np.ndarray, dict]:
     """One scene: image, segment map and FFHQ-wild annotation for ``identities`` (1 or 2 people).
     ``described``: the caption names each person's identity attributes (``identity_details``).
-    ``object_scale``: the object this much larger (across) than the default world's, at the same place."""
+    ``object_scale``: the object this much larger (across) than the default world's, at the same place.
+    ``figure_scale``: each person this much larger, magnified about the top of their head (a closer
+    camera, as in FFHQ's portraits: the legs leave the bottom edge, the head stays where it was)."""
     place = rng.choice(list(BACKGROUNDS))
     sky, floor, floor_label = BACKGROUNDS[place]
     horizon = int(size * rng.uniform(0.45, 0.65))
@@ -155,6 +158,9 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int, d
     for index, identity in enumerate(identities):
         height = size * rng.uniform(0.55, 0.85)
         ground = min(size - 1.0, horizon + size * rng.uniform(0.15, 0.4) + (height - size * 0.55) * 0.3)
+        head_top = ground - height
+        height *= figure_scale
+        ground = head_top + height
         cx = size * (slots[index] + rng.uniform(0.6, 1.4)) / (len(identities) * 2 + 1)
         person_hand = _draw_person(canvas, labels, identity, cx=cx, ground=ground, height=height,
                                    segment_id=PERSON_SEGMENTS[index], arm_up=holds and index == 0,
@@ -246,14 +252,15 @@ def sample_dir(root: Path, image_id: str) -> Path:
 def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size: int = 128, seed: int = 0,
                          two_subject_fraction: float = 0.3, test_fraction: float = 0.125,
                          described_fraction: float = 0.0, head_scale: float = 1.0,
-                         object_scale: float = 1.0) -> Path:
+                         object_scale: float = 1.0, figure_scale: float = 1.0) -> Path:
     """Render ``num_samples`` scenes into ``root`` in the FFHQ-wild layout; atomic (temp dir + rename).
 
     ``described_fraction``: the share of scenes whose caption also names their people's identity
     attributes, as web captions sometimes describe a person (the prior's world: a prior that never read
     "red hair" has no text path that draws it). Drawn from a generator of its own, so the scenes are
     the same whatever the fraction. ``head_scale``: heads this much larger than the default world's
-    (``_draw_person``); ``object_scale``: objects this much larger across (``render_scene``). The
+    (``_draw_person``); ``object_scale``: objects this much larger across, ``figure_scale``: people
+    this much larger (``render_scene``; reference renders keep their size). The
     arguments are recorded in ``root/world.json``. Does nothing if ``root`` already holds a complete
     data set (training runs point at an existing world this way).
     """
@@ -262,7 +269,7 @@ def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size
         return root
     arguments = {"num_samples": num_samples, "size": size, "seed": seed, "two_subject_fraction": two_subject_fraction,
                  "test_fraction": test_fraction, "described_fraction": described_fraction, "head_scale": head_scale,
-                 "object_scale": object_scale}
+                 "object_scale": object_scale, "figure_scale": figure_scale}
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     rng, describe_rng = random.Random(seed), random.Random(derived_seed(seed, DESCRIBED_STREAM))
@@ -272,7 +279,8 @@ def write_synthetic_ffhq(root: str | os.PathLike, *, num_samples: int = 64, size
         identities = [Identity.sample(rng) for _ in range(count)]
         described = describe_rng.random() < described_fraction
         image, seg, annotation = render_scene(rng, identities, size=size, described=described,
-                                              head_scale=head_scale, object_scale=object_scale)
+                                              head_scale=head_scale, object_scale=object_scale,
+                                              figure_scale=figure_scale)
         image_id = sample_id(index)
         folder = sample_dir(staging, image_id)
         folder.mkdir(exist_ok=True)
