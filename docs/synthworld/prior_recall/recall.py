@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -32,11 +33,11 @@ from moa.data.transforms import image_to_tensor
 from moa.inference.pipeline import MoAPipeline, Subject, scheduler_from_name
 from moa.models.model import MoAModel
 from moa.synthworld.judges import ATTRIBUTES, CONTEXT, IDENTITY_ATTRIBUTES, Judges
+from moa.synthworld.measure import identity_hits
 from moa.synthworld.world import WORDS, compose_caption
 
 logging.basicConfig(level=logging.INFO)
 log = logging.getLogger("recall")
-IDENTITY_COLUMNS = [list(ATTRIBUTES).index(name) for name in IDENTITY_ATTRIBUTES]
 WORD_COLUMN = list(ATTRIBUTES).index("word")
 SEEDS = (0, 1)
 
@@ -63,8 +64,7 @@ def scenes(world: Path, split: str, count: int) -> list[dict]:
 
 def identity_rate(judges: Judges, images: torch.Tensor, truth: torch.Tensor) -> dict:
     """Identity attributes read correctly: mean, its standard error over images, and per attribute."""
-    read = judges.read_subject(images)[:, IDENTITY_COLUMNS]
-    hits = (read == truth[:, IDENTITY_COLUMNS]).float()
+    hits = identity_hits(judges, dict(enumerate(images)), lambda k: SimpleNamespace(attributes=truth[k].tolist()))
     return {"mean": hits.mean().item(), "stderr": (hits.mean(1).std() / len(hits) ** 0.5).item(),
             **dict(zip(IDENTITY_ATTRIBUTES, hits.mean(0).tolist()))}
 

@@ -1,23 +1,22 @@
 # The prior-recall check, 2026-12-05 (2-core CPU). Exact commands; wall times in README.md.
 set -e
 cd /work/main; source .venv/bin/activate
-# 1. The memorising prior of ../memorising_prior/ (its run.sh, first two commands: world + 1000 steps; 16.8 min here)
-python -c "from moa.synthworld.world import write_synthetic_ffhq as w; w('/tmp/pm/world_described', num_samples=160, size=64, seed=0, described_fraction=1.0)"
-python -m moa.training experiment=synth_prior base_model=moa/assets/synth-prior paths.cache_dir=/tmp/pm/cache \
-    embedded.data_root=/tmp/pm/world_described trainer.max_steps=1000 model.optimizer.lr=2e-4 model.snr_gamma=5.0 \
-    +callbacks.ema._target_=pytorch_lightning.callbacks.EMAWeightAveraging +callbacks.ema.decay=0.995 \
-    +callbacks.ema.update_starting_at_step=250 +callbacks.ema.use_buffers=false \
-    callbacks.model_checkpoint.every_n_train_steps=250 \
-    hydra.run.dir=/tmp/pm/prior_run export_dir=/tmp/pm/prior logger=csv
+# The prior recipe of ../memorising_prior/run.sh (min-SNR 5, EMA from step 250, lr 2e-4, from the committed
+# prior) on a fully described world: train_prior WORLD_SCENES MAX_STEPS DIR writes DIR/world_described, DIR/prior.
+train_prior() {
+    python -c "from moa.synthworld.world import write_synthetic_ffhq as w; w('$3/world_described', num_samples=$1, size=64, seed=0, described_fraction=1.0)"
+    python -m moa.training experiment=synth_prior base_model=moa/assets/synth-prior paths.cache_dir=$3/cache \
+        embedded.data_root=$3/world_described trainer.max_steps=$2 model.optimizer.lr=2e-4 model.snr_gamma=5.0 \
+        +callbacks.ema._target_=pytorch_lightning.callbacks.EMAWeightAveraging +callbacks.ema.decay=0.995 \
+        +callbacks.ema.update_starting_at_step=250 +callbacks.ema.use_buffers=false \
+        callbacks.model_checkpoint.every_n_train_steps=250 \
+        hydra.run.dir=$3/prior_run export_dir=$3/prior logger=csv
+}
+# 1. The memorising prior of ../memorising_prior/ (160 scenes, 1000 steps; 16.8 min here)
+train_prior 160 1000 /tmp/pm
 python docs/synthworld/prior_recall/recall.py /tmp/pm/prior /tmp/pm/world_described /tmp/pr/recall.json  # 55 s
 # 2. An overfitting prior: the same recipe, 1500 steps on 32 scenes (28 trained on, each seen ~1700 times; 27.1 min)
-python -c "from moa.synthworld.world import write_synthetic_ffhq as w; w('/tmp/po/world_described', num_samples=32, size=64, seed=0, described_fraction=1.0)"
-python -m moa.training experiment=synth_prior base_model=moa/assets/synth-prior paths.cache_dir=/tmp/po/cache \
-    embedded.data_root=/tmp/po/world_described trainer.max_steps=1500 model.optimizer.lr=2e-4 model.snr_gamma=5.0 \
-    +callbacks.ema._target_=pytorch_lightning.callbacks.EMAWeightAveraging +callbacks.ema.decay=0.995 \
-    +callbacks.ema.update_starting_at_step=250 +callbacks.ema.use_buffers=false \
-    callbacks.model_checkpoint.every_n_train_steps=250 \
-    hydra.run.dir=/tmp/po/prior_run export_dir=/tmp/po/prior logger=csv
+train_prior 32 1500 /tmp/po
 # 3. MoA (synth_moa, 1000 steps) on the overfitting prior, trained on the same 32 scenes with plain captions
 python -c "from moa.synthworld.world import write_synthetic_ffhq as w; w('/tmp/po/world', num_samples=32, size=64, seed=0)"
 python -m moa.training paths.cache_dir=/tmp/po/cache seed=0 logger=csv embedded.data_root=/tmp/po/world experiment=synth_moa \
