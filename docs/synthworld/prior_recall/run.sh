@@ -23,3 +23,16 @@ python -m moa.training paths.cache_dir=/tmp/po/cache seed=0 logger=csv embedded.
     hydra.run.dir=/tmp/po/synth_moa base_model=/tmp/po/prior image_encoder=moa/assets/synth-clip
 python docs/synthworld/prior_recall/recall.py /tmp/po/prior /tmp/po/world_described /tmp/po/recall_moa.json \
     --moa-weights /tmp/po/synth_moa/moa_weights
+# 4. A middle point: the same recipe, 3000 steps on 128 scenes (~112 trained on, each seen ~860 times), then MoA
+#    on it trained on the same scenes with plain captions, and recall on trained-on and held-out scenes
+train_prior 128 3000 /tmp/pmid
+python -c "from moa.synthworld.world import write_synthetic_ffhq as w; w('/tmp/pmid/world', num_samples=128, size=64, seed=0)"
+python -m moa.training paths.cache_dir=/tmp/pmid/cache seed=0 logger=csv embedded.data_root=/tmp/pmid/world experiment=synth_moa \
+    hydra.run.dir=/tmp/pmid/synth_moa base_model=/tmp/pmid/prior image_encoder=moa/assets/synth-clip
+python docs/synthworld/prior_recall/recall.py /tmp/pmid/prior /tmp/pmid/world_described /tmp/pmid/recall_moa.json \
+    --moa-weights /tmp/pmid/synth_moa/moa_weights
+# 5. The same MoA stage, 4x longer (4000 steps: each trained-on person seen ~570 times, as in step 3's 1000 steps on 28)
+python -m moa.training paths.cache_dir=/tmp/pmid/cache seed=0 logger=csv embedded.data_root=/tmp/pmid/world experiment=synth_moa \
+    hydra.run.dir=/tmp/pmid/synth_moa_4k base_model=/tmp/pmid/prior image_encoder=moa/assets/synth-clip trainer.max_steps=4000
+python docs/synthworld/prior_recall/recall.py /tmp/pmid/prior /tmp/pmid/world_described /tmp/pmid/recall_moa_4k.json \
+    --moa-weights /tmp/pmid/synth_moa_4k/moa_weights
