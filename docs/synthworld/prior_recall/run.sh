@@ -36,3 +36,8 @@ python -m moa.training paths.cache_dir=/tmp/pmid/cache seed=0 logger=csv embedde
     hydra.run.dir=/tmp/pmid/synth_moa_4k base_model=/tmp/pmid/prior image_encoder=moa/assets/synth-clip trainer.max_steps=4000
 python docs/synthworld/prior_recall/recall.py /tmp/pmid/prior /tmp/pmid/world_described /tmp/pmid/recall_moa_4k.json \
     --moa-weights /tmp/pmid/synth_moa_4k/moa_weights
+# 6. The same MoA stage with the encoder's last two layers trained too (synth_moa_encoder2, 1000 steps)
+python -m moa.training paths.cache_dir=/tmp/pmid/cache seed=0 logger=csv embedded.data_root=/tmp/pmid/world experiment=synth_moa_encoder2 \
+    hydra.run.dir=/tmp/pmid/synth_moa_enc2 base_model=/tmp/pmid/prior image_encoder=moa/assets/synth-clip
+python docs/synthworld/prior_recall/recall.py /tmp/pmid/prior /tmp/pmid/world_described /tmp/pmid/recall_moa_enc2.json \
+    --moa-weights /tmp/pmid/synth_moa_enc2/moa_weights
