@@ -1,4 +1,4 @@
-# The prior-recall check, 2026-12-05 (2-core CPU). Exact commands; wall times in README.md.
+# The prior-recall check, 2026-12-05/06 (2-core CPU). Exact commands; wall times in README.md.
 set -e
 cd /work/main; source .venv/bin/activate
 # The prior recipe of ../memorising_prior/run.sh (min-SNR 5, EMA from step 250, lr 2e-4, from the committed
@@ -12,32 +12,31 @@ train_prior() {
         callbacks.model_checkpoint.every_n_train_steps=250 \
         hydra.run.dir=$3/prior_run export_dir=$3/prior logger=csv
 }
+# plain_world SCENES DIR writes DIR/world: the same scenes with plain captions (what stage 2 trains on).
+plain_world() {
+    python -c "from moa.synthworld.world import write_synthetic_ffhq as w; w('$2/world', num_samples=$1, size=64, seed=0)"
+}
+# moa_recall DIR RUN EXPERIMENT [OVERRIDES...]: stage 2 on DIR/prior and DIR/world into DIR/RUN (synth_moa...),
+# then recall.py on DIR/world_described into DIR/recall_moa....json (the committed names: synth_moa_4k -> recall_moa_4k).
+moa_recall() {
+    python -m moa.training paths.cache_dir=$1/cache seed=0 logger=csv embedded.data_root=$1/world experiment=$3 \
+        hydra.run.dir=$1/$2 base_model=$1/prior image_encoder=moa/assets/synth-clip "${@:4}"
+    python docs/synthworld/prior_recall/recall.py $1/prior $1/world_described $1/recall_${2/synth_moa/moa}.json --moa-weights $1/$2/moa_weights
+}
 # 1. The memorising prior of ../memorising_prior/ (160 scenes, 1000 steps; 16.8 min here)
 train_prior 160 1000 /tmp/pm
 python docs/synthworld/prior_recall/recall.py /tmp/pm/prior /tmp/pm/world_described /tmp/pr/recall.json  # 55 s
 # 2. An overfitting prior: the same recipe, 1500 steps on 32 scenes (28 trained on, each seen ~1700 times; 27.1 min)
 train_prior 32 1500 /tmp/po
 # 3. MoA (synth_moa, 1000 steps) on the overfitting prior, trained on the same 32 scenes with plain captions
-python -c "from moa.synthworld.world import write_synthetic_ffhq as w; w('/tmp/po/world', num_samples=32, size=64, seed=0)"
-python -m moa.training paths.cache_dir=/tmp/po/cache seed=0 logger=csv embedded.data_root=/tmp/po/world experiment=synth_moa \
-    hydra.run.dir=/tmp/po/synth_moa base_model=/tmp/po/prior image_encoder=moa/assets/synth-clip
-python docs/synthworld/prior_recall/recall.py /tmp/po/prior /tmp/po/world_described /tmp/po/recall_moa.json \
-    --moa-weights /tmp/po/synth_moa/moa_weights
+plain_world 32 /tmp/po
+moa_recall /tmp/po synth_moa synth_moa  # overfit_prior/recall_moa.json
 # 4. A middle point: the same recipe, 3000 steps on 128 scenes (~112 trained on, each seen ~860 times), then MoA
 #    on it trained on the same scenes with plain captions, and recall on trained-on and held-out scenes
 train_prior 128 3000 /tmp/pmid
-python -c "from moa.synthworld.world import write_synthetic_ffhq as w; w('/tmp/pmid/world', num_samples=128, size=64, seed=0)"
-python -m moa.training paths.cache_dir=/tmp/pmid/cache seed=0 logger=csv embedded.data_root=/tmp/pmid/world experiment=synth_moa \
-    hydra.run.dir=/tmp/pmid/synth_moa base_model=/tmp/pmid/prior image_encoder=moa/assets/synth-clip
-python docs/synthworld/prior_recall/recall.py /tmp/pmid/prior /tmp/pmid/world_described /tmp/pmid/recall_moa.json \
-    --moa-weights /tmp/pmid/synth_moa/moa_weights
+plain_world 128 /tmp/pmid
+moa_recall /tmp/pmid synth_moa synth_moa  # mid_prior/recall_moa.json
 # 5. The same MoA stage, 4x longer (4000 steps: each trained-on person seen ~570 times, as in step 3's 1000 steps on 28)
-python -m moa.training paths.cache_dir=/tmp/pmid/cache seed=0 logger=csv embedded.data_root=/tmp/pmid/world experiment=synth_moa \
-    hydra.run.dir=/tmp/pmid/synth_moa_4k base_model=/tmp/pmid/prior image_encoder=moa/assets/synth-clip trainer.max_steps=4000
-python docs/synthworld/prior_recall/recall.py /tmp/pmid/prior /tmp/pmid/world_described /tmp/pmid/recall_moa_4k.json \
-    --moa-weights /tmp/pmid/synth_moa_4k/moa_weights
+moa_recall /tmp/pmid synth_moa_4k synth_moa trainer.max_steps=4000  # mid_prior/recall_moa_4k.json
 # 6. The same MoA stage with the encoder's last two layers trained too (synth_moa_encoder2, 1000 steps)
-python -m moa.training paths.cache_dir=/tmp/pmid/cache seed=0 logger=csv embedded.data_root=/tmp/pmid/world experiment=synth_moa_encoder2 \
-    hydra.run.dir=/tmp/pmid/synth_moa_enc2 base_model=/tmp/pmid/prior image_encoder=moa/assets/synth-clip
-python docs/synthworld/prior_recall/recall.py /tmp/pmid/prior /tmp/pmid/world_described /tmp/pmid/recall_moa_enc2.json \
-    --moa-weights /tmp/pmid/synth_moa_enc2/moa_weights
+moa_recall /tmp/pmid synth_moa_enc2 synth_moa_encoder2  # mid_prior/recall_moa_enc2.json
