@@ -40,3 +40,11 @@ moa_recall /tmp/pmid synth_moa synth_moa  # mid_prior/recall_moa.json
 moa_recall /tmp/pmid synth_moa_4k synth_moa trainer.max_steps=4000  # mid_prior/recall_moa_4k.json
 # 6. The same MoA stage with the encoder's last two layers trained too (synth_moa_encoder2, 1000 steps)
 moa_recall /tmp/pmid synth_moa_enc2 synth_moa_encoder2  # mid_prior/recall_moa_enc2.json
+# 7. More people at the same views each (added 2026-12-06): the same recipe, 12000 steps on 512 scenes (448 trained
+#    on, ~860 views each; 92.7 min), MoA on it (1000 steps), recall on 48 trained-on and 48 held-out scenes (8.7 min)
+train_prior 512 12000 /tmp/pbig
+plain_world 512 /tmp/pbig
+moa_recall /tmp/pbig synth_moa synth_moa  # many_people_prior/recall_moa.json
+# 8. The main report's protocol (measure.py: 8 held-out subjects x 4 contexts x 2 seeds, committed judges) with that
+#    prior on the default 2000-scene world: stage 2 synth_moa and synth_no_moa (16.7 min) -> many_people_prior/measure/
+python -m moa.synthworld prior=/tmp/pbig/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=/tmp/sw_big
