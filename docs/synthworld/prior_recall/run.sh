@@ -2,20 +2,15 @@
 set -e
 cd /work/main; source .venv/bin/activate
 # The prior recipe of ../memorising_prior/run.sh (min-SNR 5, EMA from step 250, lr 2e-4, from the committed
-# prior) on a fully described world: train_prior WORLD_SCENES MAX_STEPS DIR writes DIR/world_described, DIR/prior;
-# fit_prior MAX_STEPS DIR [OVERRIDES...] is its training half (constant lr, step-seeded randomness: a run stopped
-# and resumed with ckpt_path= is the same run).
+# prior) on a fully described world: train_prior WORLD_SCENES MAX_STEPS DIR writes DIR/world_described, DIR/prior.
 train_prior() {
     python -c "from moa.synthworld.world import write_synthetic_ffhq as w; w('$3/world_described', num_samples=$1, size=64, seed=0, described_fraction=1.0)"
-    fit_prior $2 $3
-}
-fit_prior() {
-    python -m moa.training experiment=synth_prior base_model=moa/assets/synth-prior paths.cache_dir=$2/cache \
-        embedded.data_root=$2/world_described trainer.max_steps=$1 model.optimizer.lr=2e-4 model.snr_gamma=5.0 \
+    python -m moa.training experiment=synth_prior base_model=moa/assets/synth-prior paths.cache_dir=$3/cache \
+        embedded.data_root=$3/world_described trainer.max_steps=$2 model.optimizer.lr=2e-4 model.snr_gamma=5.0 \
         +callbacks.ema._target_=pytorch_lightning.callbacks.EMAWeightAveraging +callbacks.ema.decay=0.995 \
         +callbacks.ema.update_starting_at_step=250 +callbacks.ema.use_buffers=false \
         callbacks.model_checkpoint.every_n_train_steps=250 \
-        hydra.run.dir=$2/prior_run export_dir=$2/prior logger=csv "${@:3}"
+        hydra.run.dir=$3/prior_run export_dir=$3/prior logger=csv
 }
 # plain_world SCENES DIR writes DIR/world: the same scenes with plain captions (what stage 2 trains on).
 plain_world() {
@@ -54,11 +49,12 @@ moa_recall /tmp/pbig synth_moa synth_moa  # many_people_prior/recall_moa.json
 #    prior on the default 2000-scene world: stage 2 synth_moa and synth_no_moa (16.7 min) -> many_people_prior/measure/
 python -m moa.synthworld prior=/tmp/pbig/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=/tmp/sw_big
 # 9. More people, fewer views each, half the compute (added 2026-12-06, third session; a machine at 0.79 s/step):
-#    the same recipe on 1024 scenes (896 trained on), stopped after its step-5750 checkpoint and resumed to 6000
-#    steps (~214 views each; 80 min in all), recall of the prior alone, the main protocol, then MoA and recall
-train_prior 1024 12000 /tmp/p1k  # stopped after step_0005750.ckpt: 12000 steps would not fit the session
-fit_prior 6000 /tmp/p1k ckpt_path=/tmp/p1k/prior_run/checkpoints/step_0005750.ckpt
-python docs/synthworld/prior_recall/recall.py /tmp/p1k/prior /tmp/p1k/world_described /tmp/p1k/recall.json  # = recall_moa.json's prior lines
+#    the same recipe, 6000 steps on 1024 scenes (896 trained on, ~214 views each; 80 min), the main protocol, then
+#    MoA and recall. As it ran, the prior was `train_prior 1024 12000 /tmp/p1k` stopped after its step-5750
+#    checkpoint and resumed to 6000 by the same training command with trainer.max_steps=6000
+#    ckpt_path=/tmp/p1k/prior_run/checkpoints/step_0005750.ckpt (constant lr, step-seeded noise; only the order of
+#    the last 250 batches may differ from one 6000-step run). recall.py without MoA also ran: recall_moa.json has it.
+train_prior 1024 6000 /tmp/p1k
 python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=/tmp/sw_1k  # many_people_6k/measure/
 plain_world 1024 /tmp/p1k
 moa_recall /tmp/p1k synth_moa synth_moa  # many_people_6k/recall_moa.json
