@@ -180,8 +180,10 @@ class TrainStep:
                     features = encode_images(self.image_encoder, self.subject_pixels, self.real_slots)
                 words = torch.gather(self.text, 1, self.token_index[..., None].expand(-1, -1, 768))
                 tokens = self.prompt_encoder(features.to(words.dtype), words, self.timesteps)
-                condition = personalize_text(self.text, tokens.to(self.text.dtype), self.token_index, self.valid)
-                moa = MoAInputs(personalized_condition=condition, subject_token_index=self.token_index,
+                condition, key_mask = personalize_text(self.text, tokens.to(self.text.dtype), self.token_index,
+                                                       self.valid)
+                moa = MoAInputs(personalized_condition=condition, personalized_key_mask=key_mask,
+                                subject_token_index=self.token_index,
                                 record_router_layers=self.loss_layers, record_attention_layers=self.loss_layers)
                 kwargs["cross_attention_kwargs"] = {"moa": moa}
             prediction = self.unet(self.latents, self.timesteps, self.text, **kwargs).sample
@@ -432,8 +434,9 @@ def sample_runs(device: str, dtype: torch.dtype, latent: int, compile_backend: s
 
         def run():
             words = torch.gather(text, 1, token_index[..., None].expand(-1, -1, 768))
-            condition = personalize_text(text, encoder(features, words, timestep.expand(2)), token_index, valid)
-            return unet(latents, timestep, text, cross_attention_kwargs={"moa": MoAInputs(personalized_condition=condition)})
+            condition, key_mask = personalize_text(text, encoder(features, words, timestep.expand(2)), token_index, valid)
+            moa = MoAInputs(personalized_condition=condition, personalized_key_mask=key_mask)
+            return unet(latents, timestep, text, cross_attention_kwargs={"moa": moa})
         return run
 
     def runs_on(plain_unet, unet, suffix: str = "") -> dict:

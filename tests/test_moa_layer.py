@@ -143,12 +143,12 @@ def test_spacetime_conditioning_varies_with_block_and_timestep_and_the_ablation_
     features, words = torch.randn(2, 3, 8), torch.randn(2, 3, 6)
     encoder = MultimodalPromptEncoder(image_dim=8, text_dim=6, num_blocks=16)
     tokens = encoder(features, words, torch.tensor([10, 700]))
-    assert tokens.shape == (2, 16, 3, 6)
+    assert tokens.shape == (2, 16, 3, 1, 6)
     assert not torch.allclose(tokens[:, 0], tokens[:, 5])
     assert not torch.allclose(encoder(features, words, torch.tensor([10, 10])), encoder(features, words, torch.tensor([900, 900])))
     ablation = MultimodalPromptEncoder(image_dim=8, text_dim=6, num_blocks=16, spacetime=False)
     static = ablation(features, words, torch.tensor([10, 700]))
-    assert static.shape == (2, 1, 3, 6)
+    assert static.shape == (2, 1, 3, 1, 6)
     assert torch.equal(static, ablation(features, words, torch.tensor([999, 1])))
 
 
@@ -156,12 +156,60 @@ def test_personalize_text_replaces_only_valid_subject_tokens():
     from moa.models.prompt import personalize_text
 
     text = torch.randn(1, 5, 4)
-    subject_tokens = torch.randn(1, 2, 2, 4)  # (batch, blocks, subjects, dim)
-    out = personalize_text(text, subject_tokens, torch.tensor([[1, 3]]), torch.tensor([[True, False]]))
-    assert out.shape == (1, 2, 5, 4)
-    assert torch.equal(out[0, 1, 1], subject_tokens[0, 1, 0])
+    subject_tokens = torch.randn(1, 2, 2, 1, 4)  # (batch, blocks, subjects, tokens per subject, dim)
+    out, key_mask = personalize_text(text, subject_tokens, torch.tensor([[1, 3]]), torch.tensor([[True, False]]))
+    assert out.shape == (1, 2, 5, 4) and key_mask is None
+    assert torch.equal(out[0, 1, 1], subject_tokens[0, 1, 0, 0])
     for untouched in (0, 2, 3, 4):  # token 3 belongs to a padded subject
         assert torch.equal(out[0, 0, untouched], text[0, untouched])
+
+
+def test_extra_subject_tokens_are_appended_and_a_padded_subjects_are_masked_out():
+    from moa.models.prompt import MultimodalPromptEncoder, personalize_text
+
+    encoder = MultimodalPromptEncoder(image_dim=8, text_dim=4, num_blocks=16, tokens_per_subject=3)
+    text = torch.randn(2, 5, 4)
+    subject_tokens = encoder(torch.randn(2, 2, 8), torch.randn(2, 2, 4), torch.tensor([10, 700]))
+    assert subject_tokens.shape == (2, 16, 2, 3, 4)
+    assert not torch.allclose(subject_tokens[..., 0, :], subject_tokens[..., 1, :])  # not one token repeated
+    valid = torch.tensor([[True, False], [True, True]])
+    out, key_mask = personalize_text(text, subject_tokens, torch.tensor([[1, 3], [2, 1]]), valid)
+    assert out.shape == (2, 16, 5 + 2 * 2, 4)
+    assert key_mask.tolist() == [[True] * 7 + [False] * 2, [True] * 9]
+    block = 7
+    # Sample 0: subject 0's first token at its word, its two others appended; subject 1 is padding.
+    assert torch.equal(out[0, block, 1], subject_tokens[0, block, 0, 0])
+    assert torch.equal(out[0, block, 5:7], subject_tokens[0, block, 0, 1:])
+    for untouched in (0, 2, 3, 4):
+        assert torch.equal(out[0, block, untouched], text[0, untouched])
+    # Sample 1: both subjects given, in slot order.
+    assert torch.equal(out[1, block, 2], subject_tokens[1, block, 0, 0])
+    assert torch.equal(out[1, block, 1], subject_tokens[1, block, 1, 0])
+    assert torch.equal(out[1, block, 5:9], subject_tokens[1, block, :, 1:].flatten(0, 1))
+
+
+def test_masked_extra_tokens_change_nothing_in_the_moa_layer():
+    """A padded subject's extra keys are out of the personalized attention: the layer's output is the
+    same as without them, whatever they hold."""
+    from diffusers.models.attention_processor import Attention
+
+    from moa.models.attention import MoAAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
+    processor = MoAAttnProcessor(attn, name="attn2", block_index=0, is_cross_attention=True)
+    with torch.no_grad():
+        for p in processor.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hidden, text = torch.randn(2, 6, 16), torch.randn(2, 5, 8)
+    condition = torch.randn(2, 1, 5, 8)
+    without = processor(attn, hidden, text, moa=MoAInputs(personalized_condition=condition))
+    padded = torch.cat([condition, torch.randn(2, 1, 3, 8)], dim=2)
+    mask = torch.tensor([[True] * 5 + [False] * 3] * 2)
+    masked = processor(attn, hidden, text, moa=MoAInputs(personalized_condition=padded, personalized_key_mask=mask))
+    assert torch.allclose(masked, without, atol=1e-6)
+    unmasked = processor(attn, hidden, text, moa=MoAInputs(personalized_condition=padded))
+    assert not torch.allclose(unmasked, without, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -104,6 +104,28 @@ def test_guidance_gives_the_unconditional_half_no_subject(pipe, faces):
     assert not torch.allclose(condition[1], text[1].expand_as(condition[1]))
 
 
+def test_extra_subject_tokens_generate_and_any_image_regenerates_alone(faces, tiny_dir):
+    """With several tokens per subject a prompt's condition is longer; a prompt batched beside one with
+    more subjects gets masked padding keys and must still give the image it gives alone."""
+    model = MoAModel.from_pretrained(tiny_dir / "stable-diffusion", tiny_dir / "clip", tokens_per_subject=3).eval()
+    _randomize(model)
+    multi = MoAPipeline.from_moa_model(model)
+    multi.set_progress_bar_config(disable=True)
+    prompts = ["a man and a woman in a park", "a woman on a beach"]
+    subjects = [[Subject(faces[0], "man"), Subject(faces[1], "woman")], [Subject(faces[1], "woman")]]
+    batch = _np(multi(prompts, subjects, num_inference_steps=STEPS, generator=_gen(5, 2), output_type="np"))
+    alone = _np(multi(prompts[1], subjects[1], num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(6)],
+                      output_type="np"))
+    assert np.abs(alone[0] - batch[1]).max() <= 1e-5
+    text_dim = model.text_encoder.config.hidden_size
+    with torch.no_grad():  # change only the extra tokens (not by a constant: each is layer-normalised)
+        extra_bias = model.prompt_encoder.mlp[2].bias[text_dim:]
+        extra_bias.add_(torch.randn(extra_bias.shape, generator=torch.Generator().manual_seed(0)))
+    changed = _np(multi(prompts[1], subjects[1], num_inference_steps=STEPS,
+                        generator=[torch.Generator().manual_seed(6)], output_type="np"))
+    assert np.abs(changed[0] - alone[0]).max() > 1e-3
+
+
 def test_subject_swap_and_morphing_endpoints(pipe, faces):
     prompt = "a man riding a horse"
     a, b = Subject(faces[0], "man"), Subject(faces[1], "man")

@@ -79,6 +79,34 @@ def test_image_encoder_trainable_layers_get_gradients_their_own_lr_and_travel_wi
         hydra.utils.instantiate(compose_cfg("model.net.image_encoder_trainable_layers=99").model)
 
 
+def test_extra_subject_tokens_reach_the_loss_and_travel_with_the_moa_weights(compose_cfg, tmp_path):
+    from moa.models.model import MoAModel
+
+    module, batch, _ = module_and_batch(compose_cfg, "model.net.tokens_per_subject=3")
+    model = module.model
+    batch["subject_valid"][:] = True
+    with torch.no_grad():  # experts away from the prior: the subject tokens then change the prediction
+        for p in model.unet.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+    losses, _ = module.compute_losses(batch, torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    text_dim = model.text_encoder.config.hidden_size
+    out_layer = model.prompt_encoder.mlp[2]
+    assert out_layer.weight.shape[0] == 3 * text_dim
+    for token in range(3):  # each token's rows of the last layer get a gradient: each is a key the loss sees
+        assert out_layer.weight.grad[token * text_dim:(token + 1) * text_dim].abs().sum() > 0, token
+
+    exported = model.export_moa(tmp_path / "moa")
+    reloaded = MoAModel.from_pretrained(compose_cfg().base_model, compose_cfg().image_encoder, moa_weights=exported)
+    assert reloaded.prompt_encoder.tokens_per_subject == 3
+    assert torch.equal(reloaded.prompt_encoder.mlp[2].weight, out_layer.weight)
+    from moa.checks import check_ranges
+    from moa.training.preflight import TRAINING_RANGES
+    with pytest.raises(ValueError, match="model.net.tokens_per_subject=0: expected 1 or more"):
+        check_ranges(compose_cfg("model.net.tokens_per_subject=0"), TRAINING_RANGES)
+
+
 def test_frozen_image_encoder_gets_no_gradient_and_stays_out_of_the_moa_weights(compose_cfg):
     module = hydra.utils.instantiate(compose_cfg().model)
     assert not module.model.image_encoder_trainable_state_dict()

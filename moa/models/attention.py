@@ -183,7 +183,9 @@ class MoAAttnProcessor(nn.Module):
 
         context = moa.condition_for_block(self.block_index) if self.is_cross_attention else hidden_states
         token_index = moa.subject_token_index if self.is_cross_attention and self.name in moa.record_attention_layers else None
-        if self.use_prior_branch and self._can_stack(hidden_states, encoder_hidden_states, context, attention_mask):
+        key_mask = moa.personalized_key_mask if self.is_cross_attention else None
+        if self.use_prior_branch and key_mask is None and self._can_stack(hidden_states, encoder_hidden_states,
+                                                                          context, attention_mask):
             prior, personalized, maps = self._both_experts(attn, hidden_states, encoder_hidden_states, context,
                                                            token_index)
         else:
@@ -191,6 +193,10 @@ class MoAAttnProcessor(nn.Module):
             if attention_mask is not None:
                 mask = attn.prepare_attention_mask(attention_mask, context.shape[1], hidden_states.shape[0])
                 mask = mask.view(hidden_states.shape[0], attn.heads, -1, mask.shape[-1])
+            if key_mask is not None:  # (batch, tokens) -> an additive (batch, 1, 1, tokens) bias
+                key_bias = torch.zeros(key_mask.shape, dtype=hidden_states.dtype,
+                                       device=hidden_states.device).masked_fill(~key_mask, -torch.inf)[:, None, None]
+                mask = key_bias if mask is None else mask + key_bias
             personalized, maps = self.expert(hidden_states, context, mask, token_index)
             prior = None
             if self.use_prior_branch:

@@ -22,6 +22,9 @@ class MoAInputs:
         personalized_condition: (batch, blocks, tokens, text_dim) condition of the personalized
             cross-attention expert for each transformer block (``blocks`` is 1 when it does not
             depend on the layer, e.g. the ``no_spacetime`` ablation, and is then broadcast).
+        personalized_key_mask: (batch, tokens) True where the personalized cross-attention expert may
+            attend; None: everywhere. Set when subjects have extra tokens (``personalize_text``),
+            so that a padded subject's keys are out.
         subject_token_index: (batch, subjects) token position of each subject's word.
         record_router_layers: processor names whose prior weight map ``R0`` is stored.
         record_attention_layers: cross-attention processor names whose personalized attention maps
@@ -32,6 +35,7 @@ class MoAInputs:
     """
 
     personalized_condition: torch.Tensor | None = None
+    personalized_key_mask: torch.Tensor | None = None
     subject_token_index: torch.Tensor | None = None
     record_router_layers: frozenset[str] = frozenset()
     record_attention_layers: frozenset[str] = frozenset()

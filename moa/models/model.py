@@ -97,12 +97,14 @@ class MoAModel(nn.Module):
     image_encoder_trainable_layers: 0 keeps the image encoder frozen; N > 0 also trains the last N
         transformer layers of its vision tower with its post-layernorm and projection (FastComposer
         trains the last 2). Those weights then belong to the MoA weights (export and checkpoints).
+    tokens_per_subject: subject tokens made from each subject image (the paper: 1, in place of its
+        word; more are appended to the personalized expert's condition, see ``personalize_text``).
     """
 
     def __init__(self, *, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, image_encoder: CLIPVisionModelWithProjection, noise_scheduler: DDPMScheduler,
                  subject_image_spec: SubjectImageSpec, moa_config: MoAConfig | Mapping = MoAConfig(),
-                 spacetime: bool = True, image_encoder_trainable_layers: int = 0):
+                 spacetime: bool = True, image_encoder_trainable_layers: int = 0, tokens_per_subject: int = 1):
         super().__init__()
         moa_config = moa_config if isinstance(moa_config, MoAConfig) else MoAConfig(**moa_config)
         self.moa_config = moa_config
@@ -120,7 +122,7 @@ class MoAModel(nn.Module):
         install_moa(unet, moa_config)
         self.prompt_encoder = MultimodalPromptEncoder(
             image_dim=image_encoder.config.projection_dim, text_dim=text_encoder.config.hidden_size,
-            num_blocks=moa_config.num_transformer_blocks, spacetime=spacetime,
+            num_blocks=moa_config.num_transformer_blocks, spacetime=spacetime, tokens_per_subject=tokens_per_subject,
         )
         if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
             raise ValueError(
@@ -132,7 +134,7 @@ class MoAModel(nn.Module):
     def from_pretrained(cls, base_model: str | os.PathLike, image_encoder: str | os.PathLike, *,
                         moa_config: MoAConfig | Mapping | None = None, spacetime: bool = True,
                         moa_weights: str | os.PathLike | None = None, base_model_config: str | None = None,
-                        image_encoder_trainable_layers: int = 0) -> MoAModel:
+                        image_encoder_trainable_layers: int = 0, tokens_per_subject: int = 1) -> MoAModel:
         """Load an SD1.5-family base and a CLIP vision model, install MoA, optionally load MoA weights.
 
         base_model: a diffusers folder or hub id, or a single ``.safetensors``/``.ckpt`` checkpoint
@@ -149,11 +151,13 @@ class MoAModel(nn.Module):
             saved = json.loads((Path(moa_weights) / EXPORT_CONFIG).read_text())
             moa_config, spacetime = saved["moa_config"], saved["spacetime"]
             image_encoder_trainable_layers = saved.get("image_encoder_trainable_layers", 0)
+            tokens_per_subject = saved.get("tokens_per_subject", 1)
         model = cls(**load_base_components(base_model, base_model_config),
                     image_encoder=load_image_encoder(image_encoder),
                     subject_image_spec=SubjectImageSpec.from_pretrained(image_encoder),
                     moa_config=moa_config or MoAConfig(), spacetime=spacetime,
-                    image_encoder_trainable_layers=image_encoder_trainable_layers)
+                    image_encoder_trainable_layers=image_encoder_trainable_layers,
+                    tokens_per_subject=tokens_per_subject)
         if moa_weights is not None:
             model.load_trainable_state_dict(load_file(Path(moa_weights) / EXPORT_WEIGHTS))
         return model
@@ -208,6 +212,7 @@ class MoAModel(nn.Module):
             save_file(tensors, tmp)
         config = {"moa_config": self.moa_config.to_dict(), "spacetime": self.spacetime,
                   "image_encoder_trainable_layers": self.image_encoder_trainable_layers,
+                  "tokens_per_subject": self.prompt_encoder.tokens_per_subject,
                   "text_dim": self.text_encoder.config.hidden_size,
                   "image_dim": self.image_encoder.config.projection_dim}
         write_text(out_dir / EXPORT_CONFIG, json.dumps(config, indent=2) + "\n")
@@ -241,7 +246,8 @@ class MoAModel(nn.Module):
             text_embeddings, 1, subject_token_index[..., None].expand(-1, -1, text_embeddings.shape[-1])
         )
         subject_tokens = self.prompt_encoder(subject_features.to(words.dtype), words, timesteps)
-        condition = personalize_text(text_embeddings, subject_tokens.to(text_embeddings.dtype),
-                                     subject_token_index, subject_valid)
-        return MoAInputs(personalized_condition=condition, subject_token_index=subject_token_index,
+        condition, key_mask = personalize_text(text_embeddings, subject_tokens.to(text_embeddings.dtype),
+                                               subject_token_index, subject_valid)
+        return MoAInputs(personalized_condition=condition, personalized_key_mask=key_mask,
+                         subject_token_index=subject_token_index,
                          record_router_layers=record_router_layers, record_attention_layers=record_attention_layers)

@@ -48,46 +48,66 @@ class MultimodalPromptEncoder(nn.Module):
         num_blocks: transformer blocks of the U-Net (SD1.5: 16).
         spacetime: ``False`` is the ``no_spacetime`` ablation (``m_bar = LayerNorm(m)``); the
             output then has a single block dimension, broadcast over blocks.
+        tokens_per_subject: tokens made for each subject (the paper: 1, in place of its word). More
+            give the subject more keys in the personalized cross-attention (``personalize_text``);
+            the last linear layer then outputs that many tokens' widths, each normalised alone.
     """
 
     def __init__(self, *, image_dim: int, text_dim: int, num_blocks: int = 16, spacetime: bool = True,
-                 hidden_dim: int | None = None):
+                 hidden_dim: int | None = None, tokens_per_subject: int = 1):
         super().__init__()
+        if tokens_per_subject < 1:
+            raise ValueError(f"tokens_per_subject={tokens_per_subject}: expected 1 or more")
         multimodal_dim = image_dim + text_dim
         hidden_dim = hidden_dim or multimodal_dim
         self.spacetime = spacetime
         self.num_blocks = num_blocks
+        self.tokens_per_subject = tokens_per_subject
         self.norm = nn.LayerNorm(multimodal_dim)
         if spacetime:
             self.positional = SpacetimeEncoding(multimodal_dim, num_blocks=num_blocks)
             self.positional_norm = nn.LayerNorm(multimodal_dim)
         self.mlp = nn.Sequential(
-            nn.Linear(multimodal_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, text_dim), nn.LayerNorm(text_dim)
+            nn.Linear(multimodal_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, tokens_per_subject * text_dim),
+            nn.LayerNorm(text_dim),
         )
 
     def forward(self, image_features: torch.Tensor, word_embeddings: torch.Tensor,
                 timesteps: torch.Tensor) -> torch.Tensor:
         """image_features (batch, subjects, image_dim), word_embeddings (batch, subjects, text_dim),
-        timesteps (batch,) -> subject tokens (batch, blocks, subjects, text_dim), blocks = 1 without
-        spacetime conditioning."""
+        timesteps (batch,) -> subject tokens (batch, blocks, subjects, tokens_per_subject, text_dim),
+        blocks = 1 without spacetime conditioning."""
         multimodal = self.norm(torch.cat([image_features, word_embeddings], dim=-1))[:, None]
         if self.spacetime:
             positional = self.positional_norm(self.positional(timesteps))  # (b, blocks, dim)
             multimodal = multimodal + positional[:, :, None]
-        return self.mlp(multimodal)
+        # The final LayerNorm acts per token; kept as mlp[3] so that 1-token weights keep their names.
+        tokens = self.mlp[:3](multimodal).unflatten(-1, (self.tokens_per_subject, -1))
+        return self.mlp[3](tokens)
 
 
 def personalize_text(text_embeddings: torch.Tensor, subject_tokens: torch.Tensor, token_index: torch.Tensor,
-                     subject_valid: torch.Tensor) -> torch.Tensor:
-    """Put each subject's token in place of its word's embedding.
+                     subject_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Put each subject's first token in place of its word's embedding and append the others.
 
-    text_embeddings (batch, tokens, dim); subject_tokens (batch, blocks, subjects, dim);
-    token_index, subject_valid (batch, subjects) -> (batch, blocks, tokens, dim). Padded subjects
-    (``subject_valid`` False) change nothing. Written with one-hot products instead of indexing so it
-    needs no host sync and batches over blocks.
+    text_embeddings (batch, tokens, dim); subject_tokens (batch, blocks, subjects, per_subject, dim);
+    token_index, subject_valid (batch, subjects) -> the personalized condition (batch, blocks,
+    tokens + subjects * (per_subject - 1), dim) and, with more than one token per subject, which of
+    its keys to attend to (batch, tokens + subjects * (per_subject - 1)), else None. Extra tokens are
+    appended because cross-attention keys have no positions: where one sits does not matter, and the
+    prompt's own tokens are never overwritten. Padded subjects (``subject_valid`` False) change
+    nothing: their word keeps its embedding and their extra keys are masked out (zeros under the mask).
+    Written with one-hot products instead of indexing so it needs no host sync and batches over blocks.
     """
     one_hot = nn.functional.one_hot(token_index, text_embeddings.shape[1]).to(text_embeddings.dtype)
     one_hot = one_hot * subject_valid[..., None].to(text_embeddings.dtype)  # (b, subjects, tokens)
     keep = (1.0 - one_hot.sum(dim=1)).clamp(min=0.0)  # (b, tokens)
-    placed = torch.einsum("bst,blsd->bltd", one_hot, subject_tokens)
-    return text_embeddings[:, None] * keep[:, None, :, None] + placed
+    placed = torch.einsum("bst,blsd->bltd", one_hot, subject_tokens[:, :, :, 0])
+    personalized = text_embeddings[:, None] * keep[:, None, :, None] + placed
+    extra_per_subject = subject_tokens.shape[3] - 1
+    if extra_per_subject == 0:
+        return personalized, None
+    extra = subject_tokens[:, :, :, 1:] * subject_valid[:, None, :, None, None].to(subject_tokens.dtype)
+    key_mask = torch.cat([torch.ones_like(keep, dtype=torch.bool),
+                          subject_valid.repeat_interleave(extra_per_subject, dim=1)], dim=1)
+    return torch.cat([personalized, extra.flatten(2, 3)], dim=2), key_mask

@@ -29,6 +29,7 @@ TRAINING_RANGES = {
     "model.condition_dropout": Range(False, 0, 1, "a probability in [0, 1]"),
     "model.max_timestep": Range(True, 1, None, "a positive number of diffusion timesteps"),
     "model.net.image_encoder_trainable_layers": Range(True, 0, None, "0 or more trainable image-encoder layers"),
+    "model.net.tokens_per_subject": Range(True, 1, None, "1 or more subject tokens (paper: 1)"),
 }
 
 
