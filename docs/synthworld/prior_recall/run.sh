@@ -58,3 +58,8 @@ train_prior 1024 6000 /tmp/p1k
 python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=/tmp/sw_1k  # many_people_6k/measure/
 plain_world 1024 /tmp/p1k
 moa_recall /tmp/p1k synth_moa synth_moa  # many_people_6k/recall_moa.json
+# 10. The subject-token lever (added 2026-12-06, fourth session): the step-9 prior again (`train_prior 1024 6000 /tmp/p1k`,
+#     one uninterrupted run, 90.5 min on a machine at ~0.9 s/step), then the main protocol with synth_moa and
+#     synth_moa_tokens4 (model.net.tokens_per_subject=4) side by side on it -> many_people_6k/tokens4/
+train_prior 1024 6000 /tmp/p1k
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_moa_tokens4]' out=/tmp/sw_tok
