@@ -184,8 +184,8 @@ class MoAAttnProcessor(nn.Module):
         context = moa.condition_for_block(self.block_index) if self.is_cross_attention else hidden_states
         token_index = moa.subject_token_index if self.is_cross_attention and self.name in moa.record_attention_layers else None
         key_mask = moa.personalized_key_mask if self.is_cross_attention else None
-        if self.use_prior_branch and key_mask is None and self._can_stack(hidden_states, encoder_hidden_states,
-                                                                          context, attention_mask):
+        if self.use_prior_branch and self._can_stack(hidden_states, encoder_hidden_states, context, attention_mask,
+                                                     key_mask):
             prior, personalized, maps = self._both_experts(attn, hidden_states, encoder_hidden_states, context,
                                                            token_index)
         else:
@@ -211,13 +211,14 @@ class MoAAttnProcessor(nn.Module):
         return weights[..., :1] * prior + weights[..., 1:] * personalized
 
     def _can_stack(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
-                   context: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
-        """Whether both experts can run as one attention over stacked heads. Not with a mask or a host
+                   context: torch.Tensor, attention_mask: torch.Tensor | None, key_mask: torch.Tensor | None) -> bool:
+        """Whether both experts can run as one attention over stacked heads. Not with a mask (the host's or
+        the personalized expert's key mask) or a host
         that does more than project-attend-project, nor for cross-attention contexts of different
         lengths. Nor in a self-attention layer whose input needs no gradient (the U-Net's first) while
         training: stacked, the backward would also run through the frozen prior's heads, which
         separately need none (46 GFLOP of an SD1.5 step)."""
-        if attention_mask is not None or not self._plain_host or hidden_states.ndim != 3:
+        if attention_mask is not None or key_mask is not None or not self._plain_host or hidden_states.ndim != 3:
             return False
         if self.is_cross_attention:
             return encoder_hidden_states is not None and encoder_hidden_states.shape[1] == context.shape[1]
