@@ -45,14 +45,18 @@ def test_prior_min_snr_weighting_is_exact_at_infinite_gamma_and_down_weights_bel
     assert loss(1e-3) < 0.1 * plain, "gamma below every SNR must shrink every sample's weight"
 
 
-def test_prior_with_the_ema_callback_exports_the_averaged_weights(compose_cfg, tmp_path, tiny_dir):
+def test_prior_with_the_ema_callback_exports_the_averaged_weights_also_when_rerun(compose_cfg, tmp_path, tiny_dir):
     export = tmp_path / "prior"
-    train(compose_cfg(
+    cfg = compose_cfg(
         "model=prior", "callbacks=checkpoints", "callbacks.model_checkpoint.every_n_train_steps=3",
         "trainer.max_steps=3", "data.batch_size=2", "model.snr_gamma=5", "model.optimizer.lr=1e-2",
         f"base_model={tiny_dir}/stable-diffusion", f"export_dir={export}",
         "+callbacks.ema._target_=pytorch_lightning.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.5",
-        "+callbacks.ema.use_buffers=false", out=tmp_path / "run"))
+        "+callbacks.ema.use_buffers=false", out=tmp_path / "run")
+    train(cfg)
+    # The same command again resumes at step 3, where Lightning skips the fit loop and its on_train_end
+    # (where the callback moves the average into the model): the export must not turn into the raw weights.
+    train(cfg)
     # The step-3 checkpoint is written as the step ends, before the callback copies the average into the model.
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "step_0000003.ckpt", weights_only=True,
                             map_location="cpu")

@@ -83,8 +83,13 @@ def test_ema_is_exported_and_resumes_exactly_with_accumulation(compose_cfg, tmp_
     common = ("model.ema_decay=0.9", "trainer.accumulate_grad_batches=2", "callbacks=default",
               "callbacks.samples.every_n_steps=1000", "callbacks.model_checkpoint.every_n_train_steps=2",
               "trainer.val_check_interval=1000")
-    _, straight = train(compose_cfg("trainer.max_steps=4", *common, f"export_dir={tmp_path}/straight_export",
-                                    out=tmp_path / "straight"))
+    straight_cfg = compose_cfg("trainer.max_steps=4", *common, f"export_dir={tmp_path}/straight_export",
+                               out=tmp_path / "straight")
+    _, straight = train(straight_cfg)
+    first_export = load_file(tmp_path / "straight_export" / "moa.safetensors")
+    # The same command again resumes at its last step: Lightning skips on_train_start, where a resumed run's
+    # moving average is loaded; the export must still be the run's average, not the initial weights.
+    train(straight_cfg)
     train(compose_cfg("trainer.max_steps=2", *common, "export_dir=null", out=tmp_path / "resumed"))
     _, resumed = train(compose_cfg("trainer.max_steps=4", *common, "export_dir=null", out=tmp_path / "resumed"))
     a, b = straight["module"], resumed["module"]
@@ -95,6 +100,7 @@ def test_ema_is_exported_and_resumes_exactly_with_accumulation(compose_cfg, tmp_
     with a.averaged_weights():
         averaged = _trainable(a)
     assert all(torch.equal(exported[k], averaged[k]) for k in exported), "the export must hold the EMA weights"
+    assert all(torch.equal(exported[k], first_export[k]) for k in exported), "rerunning a finished run changed its export"
     from moa.training.checkpoints import model_from_checkpoint
 
     evaluated = model_from_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt").trainable_state_dict()

@@ -142,6 +142,7 @@ class MoALitModule(pl.LightningModule):
         if self.ema is None:
             yield
             return
+        self._take_resumed_ema()
         parameters = self.model.trainable_parameters()
         self.ema.store(parameters)
         self.ema.copy_to(parameters)
@@ -150,12 +151,17 @@ class MoALitModule(pl.LightningModule):
         finally:
             self.ema.restore(parameters)
 
+    def _take_resumed_ema(self) -> None:
+        """Load a resumed run's moving average, once, on the module's device. Called at train start and
+        before an export: a run resumed at its last step skips the fit loop and with it on_train_start."""
+        if self._pending_ema_state is not None:
+            self.ema.load_state_dict(self._pending_ema_state)
+            self._pending_ema_state = None
+        self.ema.to(device=self.device)
+
     def on_train_start(self) -> None:
         if self.ema is not None:
-            if self._pending_ema_state is not None:
-                self.ema.load_state_dict(self._pending_ema_state)
-                self._pending_ema_state = None
-            self.ema.to(device=self.device)
+            self._take_resumed_ema()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """Lightning's optimizer step (once per accumulated step), then the moving average takes it in."""

@@ -54,8 +54,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # Heavy imports only now, so that a mistyped override or path fails in a second or two.
     import pytorch_lightning as pl
 
+    from pytorch_lightning.callbacks import WeightAveraging
+
     from moa.training.callbacks import PreemptionCheckpoint
-    from moa.training.checkpoints import resolve_ckpt_path
+    from moa.training.checkpoints import checkpoint_step, resolve_ckpt_path
 
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("embedded"):
@@ -84,6 +86,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log.warning("training stopped at step %d before its end: not exporting; run the same command again "
                         "to resume", trainer.global_step)
         elif trainer.is_global_zero and cfg.get("export_dir"):
+            if ckpt_path and trainer.global_step == checkpoint_step(Path(ckpt_path)):
+                # Resumed at its last step: Lightning skipped the fit loop and its on_train_end, where
+                # WeightAveraging puts the average into the model; without this the export is the raw weights.
+                for callback in callbacks:
+                    if isinstance(callback, WeightAveraging):
+                        callback.on_train_end(trainer, module)
             with atomic_folder(cfg.export_dir) as staging:  # a stage is done once its export exists
                 module.export(staging)
             log.info("exported the trained weights to %s", cfg.export_dir)
