@@ -44,6 +44,7 @@ def test_multirun_sweep_runs_as_slurm_jobs(slurm_cluster, tmp_path):
     assert len(jobs) == 2 and all(state == "COMPLETED" for _, state in jobs), jobs
 
 
+@pytest.mark.slow  # ~75 s on 2 cores; the default suite keeps the in-process preemption tests (test_scaleout.py)
 def test_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_weights(slurm_cluster, tmp_path):
     steps = ("trainer.max_steps=60", "callbacks.model_checkpoint.every_n_train_steps=5")
     start = time.monotonic()
