@@ -63,3 +63,7 @@ moa_recall /tmp/p1k synth_moa synth_moa  # many_people_6k/recall_moa.json
 #     synth_moa_tokens4 (model.net.tokens_per_subject=4) side by side on it -> many_people_6k/tokens4/
 train_prior 1024 6000 /tmp/p1k
 python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_moa_tokens4]' out=/tmp/sw_tok
+# 11. The router levers on this prior (added 2026-12-06, fifth session): step 10's prior (its training command rerun
+#     resumes at step 6000 and re-exports it; 32.9 min for both variants) -> many_people_6k/router/
+train_prior 1024 6000 /tmp/p1k
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_router_fg,synth_moa_router_x100]' out=/tmp/sw_fg
