@@ -67,3 +67,8 @@ python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_
 #     resumes at step 6000 and re-exports it; 32.9 min for both variants) -> many_people_6k/router/
 train_prior 1024 6000 /tmp/p1k
 python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_router_fg,synth_moa_router_x100]' out=/tmp/sw_fg
+# 12. synth_moa at 4000 stage-2 steps on this prior (added 2026-12-06, fifth session): step 10's synth_moa run
+#     (/tmp/sw_tok) continued from its last checkpoint (step 900) to 4000 (35.7 min) -> many_people_6k/stage2_4000/
+mkdir -p /tmp/sw_4k && cp -r /tmp/sw_tok/{world,cache,judges_seed1,synth_moa} /tmp/sw_4k/ && rm -rf /tmp/sw_4k/synth_moa/moa_weights
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa]' out=/tmp/sw_4k \
+  'scale.stage_overrides=["trainer.max_steps=4000","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
