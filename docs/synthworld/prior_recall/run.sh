@@ -72,3 +72,7 @@ python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_
 mkdir -p /tmp/sw_4k && cp -r /tmp/sw_tok/{world,cache,judges_seed1,synth_moa} /tmp/sw_4k/ && rm -rf /tmp/sw_4k/synth_moa/moa_weights
 python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa]' out=/tmp/sw_4k \
   'scale.stage_overrides=["trainer.max_steps=4000","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
+#     and on to 6000 from the 4000-step run's last checkpoint (step 3900; 24.0 min) -> stage2_4000/*_6000.*
+mkdir -p /tmp/sw_6k && cp -r /tmp/sw_4k/{world,cache,judges_seed1,synth_moa} /tmp/sw_6k/ && rm -rf /tmp/sw_6k/synth_moa/moa_weights
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa]' out=/tmp/sw_6k \
+  'scale.stage_overrides=["trainer.max_steps=6000","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
