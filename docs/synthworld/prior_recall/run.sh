@@ -76,3 +76,6 @@ python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_
 mkdir -p /tmp/sw_6k && cp -r /tmp/sw_4k/{world,cache,judges_seed1,synth_moa} /tmp/sw_6k/ && rm -rf /tmp/sw_6k/synth_moa/moa_weights
 python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa]' out=/tmp/sw_6k \
   'scale.stage_overrides=["trainer.max_steps=6000","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
+# 13. The hair-colour confusion of the 4000-step MoA (added 2026-12-06, fifth session; 3.5 min) -> stage2_4000/hair_confusion.json
+python docs/synthworld/prior_recall/hair_confusion.py /tmp/p1k/prior /tmp/sw_4k/world /tmp/sw_4k/synth_moa/moa_weights \
+    docs/synthworld/prior_recall/many_people_6k/stage2_4000/hair_confusion.json 16
