@@ -53,7 +53,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     preflight(cfg)
     # Heavy imports only now, so that a mistyped override or path fails in a second or two.
     import pytorch_lightning as pl
-
     from pytorch_lightning.callbacks import WeightAveraging
 
     from moa.training.callbacks import PreemptionCheckpoint

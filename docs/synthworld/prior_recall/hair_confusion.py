@@ -2,8 +2,8 @@
 
 usage: python docs/synthworld/prior_recall/hair_confusion.py PRIOR WORLD MOA_WEIGHTS OUT_JSON [PER_WORD]
 
-The main protocol's held-out subjects, contexts and seeds (``scale=full``: PER_WORD (default 4) per word x 4
-contexts x 2 seeds, UniPC 25 steps, guidance 5), read by the committed judges: for each true hair colour, how often the judges
+The main protocol's held-out subjects, contexts, seeds and sampler (``conf/synthworld.yaml``'s ``eval``, with
+PER_WORD subjects per word instead of its 4), read by the committed judges: for each true hair colour, how often the judges
 read each colour on (a) the subject's reference render (what the image encoder sees), (b) the prior's image of
 a caption that names the attributes, (c) MoA's image of the plain caption with the reference render as
 subject. Bald subjects show no hair colour and are left out.
@@ -13,13 +13,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from types import SimpleNamespace
-
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from moa.config import asset
+from moa.config import CONFIG_DIR, asset
+from moa.data.transforms import image_to_tensor
 from moa.inference.pipeline import MoAPipeline, scheduler_from_name
 from moa.models.model import MoAModel
 from moa.synthworld.judges import ATTRIBUTES, Judges
@@ -38,16 +38,17 @@ def confusion(read: torch.Tensor, truth: torch.Tensor, names: tuple) -> dict:
     return table
 
 
-def main(prior: str, world: str, moa_weights: str, out: str, per_word: str = "4") -> None:
-    cfg = SimpleNamespace(eval=SimpleNamespace(num_inference_steps=25, guidance_scale=5.0))
-    subjects = pick_subjects(Path(world), int(per_word))
-    contexts = pick_contexts(4, 0)
-    seeds = [0, 1]
+def main(prior: str, world: str, moa_weights: str, out: str, per_word: str | None = None) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="synthworld")
+    subjects = pick_subjects(Path(world), int(per_word or cfg.eval.subjects_per_word))
+    contexts = pick_contexts(cfg.eval.contexts, cfg.seed)
+    seeds = list(range(cfg.eval.seeds))
     judges = Judges.load(asset("synth-judges"))
     hair = list(ATTRIBUTES).index("hair_colour")
     names = tuple(HAIR_COLOUR)
-    model = MoAModel.from_pretrained(prior, "moa/assets/synth-clip", moa_weights=moa_weights)
-    pipe = MoAPipeline.from_moa_model(model, scheduler_from_name("UniPCMultistepScheduler", model.noise_scheduler.config))
+    model = MoAModel.from_pretrained(prior, asset("synth-clip"), moa_weights=moa_weights)
+    pipe = MoAPipeline.from_moa_model(model, scheduler_from_name(cfg.eval.scheduler, model.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     results = {}
     with torch.no_grad():
@@ -55,8 +56,7 @@ def main(prior: str, world: str, moa_weights: str, out: str, per_word: str = "4"
         visible = {k for k, s in references.items() if s.identity["hair_style"] != "bald"}
         truth_of = {k: names.index(references[k].identity["hair_colour"]) for k in visible}
         order = sorted(visible)
-        renders = torch.stack([torch.from_numpy(np.array(Image.open(references[k].reference).convert("RGB"))
-                                                ).permute(2, 0, 1).float() / 255 for k in order])
+        renders = torch.stack([image_to_tensor(Image.open(references[k].reference).convert("RGB")) for k in order])
         masks = torch.stack([torch.from_numpy(np.load(references[k].reference_mask) > 0).float()[None] for k in order])
         read = judges.read_subject(renders, masks)[:, hair]
         results["reference_render"] = confusion(read, torch.tensor([truth_of[k] for k in order]), names)
