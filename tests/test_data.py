@@ -54,6 +54,8 @@ ANNOTATION_DEFECTS = {
     "bbox_strings": lambda a, p: p.update(bbox=[str(v) for v in p["bbox"]]),
     "bbox_outside_the_image": lambda a, p: p.update(bbox=[500, 500, 600, 600]),
     "bbox_inverted": lambda a, p: p.update(bbox=[p["bbox"][2], p["bbox"][3], p["bbox"][0], p["bbox"][1]]),
+    "face_bbox_strings": lambda a, p: p.update(face_bbox=[str(v) for v in p["face_bbox"]]),
+    "face_bbox_outside_the_image": lambda a, p: p.update(face_bbox=[500, 500, 600, 600]),
     "caption_a_number": lambda a, p: a.update(caption=12),
     "caption_missing": lambda a, p: a.pop("caption"),
     "segments_not_a_list": lambda a, p: a.update(segments={"0": p}),
@@ -110,6 +112,34 @@ def test_a_box_partly_outside_the_image_is_clipped_not_skipped(make_dataset, syn
     sample = make_dataset(root)[0]
     assert sample["skipped"].item() == 0
     assert sample["subject_valid"].sum() == reference["subject_valid"].sum()
+
+
+def test_face_masks_are_the_subject_inside_its_face_box_and_flip_with_it(tiny_dir, synthetic_root):
+    """``face_regions``: each subject's face mask is its own mask cut to its ``face_bbox``, and a flipped
+    target flips the box with the mask (at the image's own resolution, so flipping is exact)."""
+    def make(**kwargs):
+        return FFHQWildDataset(synthetic_root, tokenizer=CLIPTokenizer.from_pretrained(tiny_dir / "stable-diffusion", subfolder="tokenizer"),
+                               subject_image_spec=SubjectImageSpec.from_pretrained(tiny_dir / "clip"), resolution=96,
+                               split="all", face_regions=True, **kwargs)
+    plain, flipped = make(), make(target_flip_p=1.0)
+    assert "subject_face_masks" not in FFHQWildDataset(
+        synthetic_root, tokenizer=plain.tokenizer, subject_image_spec=plain.spec, resolution=96, split="all")[0]
+    checked = 0
+    for index, image_id in enumerate(plain.ids[:6]):
+        annotation = json.loads((synthetic_root / image_id[:5] / f"{image_id}.json").read_text())
+        people = sorted([s for s in annotation["segments"] if s["coco_label"] == "person"], key=lambda s: s["end"])
+        seg = torch.from_numpy(np.load(synthetic_root / image_id[:5] / f"{image_id}.npy"))
+        sample, mirrored = plain[index], flipped[(index, 0)]
+        for slot, person in enumerate(people):
+            x1, y1, x2, y2 = person["face_bbox"]
+            expected = torch.zeros(96, 96)
+            expected[y1:y2, x1:x2] = (seg[y1:y2, x1:x2] == person["id"]).float()
+            assert expected.sum() > 0
+            assert torch.equal(sample["subject_face_masks"][slot], expected)
+            assert torch.equal(mirrored["subject_face_masks"][slot], expected.flip(-1))
+            checked += 1
+        assert torch.all(sample["subject_face_masks"][len(people):] == 0)
+    assert checked >= 6
 
 
 def test_caption_longer_than_the_tokenizer_drops_only_the_cut_subject(make_dataset, synthetic_root, tmp_path):

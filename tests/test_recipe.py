@@ -2,11 +2,17 @@
 validation on held-out subjects, gradient accumulation with exact resume."""
 
 import csv
+import json
+import shutil
 
+import hydra
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from moa.checks import ConfigError, check_ranges
+from moa.models.losses import latent_union_mask
+from moa.training.preflight import TRAINING_RANGES, preflight
 from moa.training.run import train
 from tests.helpers import module_and_batch
 
@@ -139,3 +145,49 @@ def test_frozen_weights_in_bf16_give_the_same_losses_within_bf16_tolerance(compo
     for name in ("masked", "router", "loss"):
         a, b = losses[None][name].item(), losses["bf16"][name].item()
         assert abs(a - b) <= 0.03 * abs(a), f"{name}: {a} (fp32 frozen) vs {b} (bf16 frozen)"
+
+
+def test_face_loss_weight_weighs_the_face_pixels_of_the_masked_loss(compose_cfg):
+    """With face pixels weighted w, L(w) = (E_rest + w E_face) / (A_rest + w A_face): the errors E of the
+    non-face and face subject pixels, solved from L(1) and L(3), must predict L(7) (same noise)."""
+    module, batch, _ = module_and_batch(compose_cfg, "model.face_loss_weight=3", "data.face_regions=true")
+    valid = batch["subject_valid"][..., None, None]
+    factor = 2 ** (len(module.model.vae.config.block_out_channels) - 1)
+    latent_size = (batch["pixel_values"].shape[-2] // factor,) * 2
+    foreground = latent_union_mask(batch["subject_masks"] * valid, latent_size)
+    faces = latent_union_mask(batch["subject_face_masks"] * valid, latent_size)
+    area_face = (foreground * faces).sum().item()
+    area_rest = foreground.sum().item() - area_face
+    assert 0 < area_face < area_rest
+    losses = {}
+    for weight in (1.0, 3.0, 7.0):
+        module.face_loss_weight = weight
+        with torch.no_grad():
+            losses[weight] = module.compute_losses(batch, torch.Generator().manual_seed(0))[0]["masked"].item()
+    # L(w) (A_rest + w A_face) = E_rest + w E_face, for w = 1 and 3 -> E_face, E_rest
+    total_1, total_3 = losses[1.0] * (area_rest + area_face), losses[3.0] * (area_rest + 3 * area_face)
+    error_face = (total_3 - total_1) / 2
+    error_rest = total_1 - error_face
+    predicted = (error_rest + 7 * error_face) / (area_rest + 7 * area_face)
+    assert losses[3.0] != pytest.approx(losses[1.0], rel=1e-4)
+    assert losses[7.0] == pytest.approx(predicted, rel=1e-4)
+
+
+def test_face_loss_weight_without_face_regions_is_refused_before_training(compose_cfg, synthetic_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.face_loss_weight=3 .* needs data.face_regions=true"):
+        preflight(compose_cfg("model.face_loss_weight=3"))
+    with pytest.raises(ValueError, match=r"model.face_loss_weight=0.5: .*>= 1"):
+        check_ranges(compose_cfg("model.face_loss_weight=0.5"), TRAINING_RANGES)
+    module, batch, _ = module_and_batch(compose_cfg, "model.face_loss_weight=3")  # preflight bypassed
+    with pytest.raises(ValueError, match="set data.face_regions=true"):
+        module.compute_losses(batch, torch.Generator().manual_seed(0))
+    root = tmp_path / "no_faces"
+    shutil.copytree(synthetic_root, root)
+    for path in root.glob("*/*.json"):
+        annotation = json.loads(path.read_text())
+        for segment in annotation["segments"]:
+            segment.pop("face_bbox", None)
+        path.write_text(json.dumps(annotation))
+    datamodule = hydra.utils.instantiate(compose_cfg(f"data.root={root}", "data.face_regions=true").data)
+    with pytest.raises(ValueError, match=r"data.face_regions=true: none of the first \d+ samples .* face_bbox"):
+        datamodule.setup()

@@ -377,3 +377,37 @@ def test_decoder_only_vae_finetune_keeps_the_latent_space(tmp_path, tiny_dir):
     assert exported.config.scaling_factor == base_vae.config.scaling_factor
     assert torch.equal(exported.encoder.conv_in.weight, base_vae.encoder.conv_in.weight)
     assert not torch.equal(exported.decoder.conv_out.weight, base_vae.decoder.conv_out.weight)
+
+
+def test_face_boxes_hold_every_hair_pixel_and_the_face():
+    """A person's face_bbox holds all of their hair (every pixel of their hair colour in their segment)
+    and their face, and not their shirt; a bald person's box still holds their face."""
+    import random
+
+    from moa.synthworld.world import HAIR_COLOUR, PERSON_SEGMENTS, SHIRT_COLOUR, SKIN, Identity, render_scene
+
+    checked_hair = 0
+    for seed in range(30):
+        rng = random.Random(seed)
+        identities = [Identity.sample(rng) for _ in range(1 + seed % 2)]
+        image, seg, annotation = render_scene(rng, identities, size=128)
+        pixels = np.asarray(image)
+        for index, identity in enumerate(identities):
+            segment = next(s for s in annotation["segments"] if s["id"] == PERSON_SEGMENTS[index])
+            x1, y1, x2, y2 = segment["face_bbox"]
+            inside = np.zeros(seg.shape, dtype=bool)
+            inside[y1:y2, x1:x2] = True
+            own = seg == segment["id"]
+
+            def of_colour(rgb):
+                return own & (pixels == rgb).all(-1)
+
+            hair = of_colour(HAIR_COLOUR[identity.hair_colour])
+            assert not (hair & ~inside).any(), (seed, index, "hair outside the face box")
+            if identity.hair_style != "bald":
+                assert hair.sum() >= 4
+                checked_hair += 1
+            assert (of_colour(SKIN[identity.skin]) & inside).sum() >= 4, (seed, index, "no face in the face box")
+            shirt = of_colour(SHIRT_COLOUR[identity.shirt_colour])
+            assert (shirt & inside).sum() <= 0.1 * shirt.sum(), (seed, index, "shirt in the face box")
+    assert checked_hair >= 20

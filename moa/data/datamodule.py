@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,8 @@ class FFHQWildDataModule(pl.LightningDataModule):
         target_flip_p: probability of flipping a training image together with its masks and boxes.
         cached_latents: train from the VAE latents cached by ``moa.data.latents`` instead of encoding the
             images in every step (then ``target_flip_p`` must be 0).
+        face_regions: also read each person's ``face_bbox`` into ``subject_face_masks`` (for
+            ``model.face_loss_weight``); the first ``FACE_BOX_PROBE`` samples must have one somewhere.
         val_split: the split of held-out subjects for the validation loss and samples (None: no validation).
         val_samples: how many of them (the first ones, always the same).
         max_corrupt_fraction: stop the run once more than this share of the samples tried (summed over
@@ -87,13 +90,14 @@ class FFHQWildDataModule(pl.LightningDataModule):
     """
 
     MIN_TRIED_FOR_THRESHOLD = 20
+    FACE_BOX_PROBE = 32
 
     def __init__(self, *, root: str, base_model: str, image_encoder: str, resolution: int = 512, batch_size: int = 32,
                  num_workers: int = 2, seed: int = 0, split: str = "train", data_format: str = "folder",
                  max_subjects: int = 4, max_corrupt_fraction: float = 0.05, base_model_config: str | None = None,
                  subject_source: SubjectSource | None = None, augmentation: SubjectAugmentation | None = None,
-                 target_flip_p: float = 0.0, cached_latents: bool = False, val_split: str | None = "test",
-                 val_samples: int = 16):
+                 target_flip_p: float = 0.0, cached_latents: bool = False, face_regions: bool = False,
+                 val_split: str | None = "test", val_samples: int = 16):
         super().__init__()
         if not Path(root).is_dir():
             raise FileNotFoundError(f"data.root={root!r}: no such folder (expected FastComposer's FFHQ-wild layout)")
@@ -105,7 +109,7 @@ class FFHQWildDataModule(pl.LightningDataModule):
         self.resolution, self.batch_size, self.num_workers, self.seed = resolution, batch_size, num_workers, seed
         self.split, self.max_subjects, self.max_corrupt_fraction = split, max_subjects, max_corrupt_fraction
         self.augmentation, self.target_flip_p = augmentation, target_flip_p
-        self.cached_latents = cached_latents
+        self.cached_latents, self.face_regions = cached_latents, face_regions
         if cached_latents:
             if target_flip_p > 0:
                 raise ValueError(f"data.target_flip_p={target_flip_p} with data.cached_latents=true: a cached latent "
@@ -120,19 +124,32 @@ class FFHQWildDataModule(pl.LightningDataModule):
         return FFHQWildDataset(
             self.root, split=split, data_format=self.data_format, resolution=self.resolution,
             max_subjects=self.max_subjects, subject_source=self.subject_source, seed=self.seed,
-            cached_latents=self.cached_latents,
+            cached_latents=self.cached_latents, face_regions=self.face_regions,
             tokenizer=CLIPTokenizer.from_pretrained(self.tokenizer_source, subfolder="tokenizer"),
             subject_image_spec=SubjectImageSpec.from_pretrained(self.image_encoder), **kwargs)
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
             self.dataset = self._dataset(self.split, augmentation=self.augmentation, target_flip_p=self.target_flip_p)
+            if self.face_regions:
+                self._check_face_boxes()
         if self.val_dataset is None and self.val_split and self.val_samples > 0:
             if self.val_split not in open_store(self.root, self.data_format).available_splits():
                 log.warning("data.val_split=%s: %s has no such split, so no validation", self.val_split, self.root)
                 self.val_split = None
             else:
                 self.val_dataset = self._dataset(self.val_split)
+
+    def _check_face_boxes(self) -> None:
+        """Fail before training when ``face_regions`` is asked of data that has no face boxes at all
+        (the face-weighted loss would silently be the plain one)."""
+        store, ids = self.dataset.store, self.dataset.ids[: self.FACE_BOX_PROBE]
+        for image_id in ids:
+            segments = json.loads(store.read(image_id, "json")).get("segments") or []
+            if any(isinstance(s, dict) and s.get("face_bbox") is not None for s in segments):
+                return
+        raise ValueError(f"data.face_regions=true: none of the first {len(ids)} samples of {self.root} ({self.split} "
+                         "split) has a person segment with a face_bbox ([x1, y1, x2, y2] pixels; see moa/data/ffhq.py)")
 
     def val_dataloader(self) -> DataLoader | list:
         """The first ``val_samples`` held-out samples, unaugmented, in a fixed order."""

@@ -8,6 +8,11 @@
 ``bbox`` is ``[x1, y1, x2, y2]`` in pixels (columns, rows), whatever FastComposer's comment says
 (its code crops ``image[:, w1:w2, h1:h2]`` from a (C, H, W) tensor). ``end`` is the character index
 just past the segment's noun phrase in the caption. Subjects are the ``person`` segments.
+
+Our one optional addition: a person segment may carry ``face_bbox`` ([x1, y1, x2, y2], pixels), the box
+of the face and hair it is recognised by (a face detector's box on photos; SynthWorld writes the drawn
+head's). ``data.face_regions`` reads it, for ``model.face_loss_weight``; a person without it has no face
+region (a face turned away, or cut off by the frame).
 """
 
 from __future__ import annotations
@@ -53,8 +58,28 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def checked_box(image_id: str, segment: dict, field: str, size: tuple[int, int]) -> list[int]:
+    """``segment[field]`` checked to be an [x1, y1, x2, y2] pixel box and clipped to the image ``size`` = (H, W)."""
+    box = segment.get(field)
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            and np.isfinite(v) for v in box)):
+        raise CorruptSampleError(f"{image_id}: segment {segment['id']} {field}={box!r}, expected [x1, y1, x2, y2] numbers")
+    height, width = size
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    clipped = [max(0, x1), max(0, y1), min(width, x2), min(height, y2)]
+    if clipped[2] - clipped[0] < 2 or clipped[3] - clipped[1] < 2:
+        raise CorruptSampleError(f"{image_id}: segment {segment['id']} {field}={box} is inverted or lies outside the "
+                                 f"{width}x{height} image (x2 > x1 and y2 > y1 expected, in pixels)")
+    return clipped
+
+
+def flipped_box(box: list[int], width: int) -> list[int]:
+    """An [x1, y1, x2, y2] box of an image ``width`` pixels wide, mirrored left to right."""
+    return [width - box[2], box[1], width - box[0], box[3]]
+
+
 def checked_person(image_id: str, segment, caption: str, present: set[int], size: tuple[int, int]) -> dict:
-    """One person segment with every field checked and its box clipped to the image ``size`` = (H, W);
+    """One person segment with every field checked and its boxes clipped to the image ``size`` = (H, W);
     raises ``CorruptSampleError`` naming the field and what was expected."""
     if not isinstance(segment, dict):
         raise CorruptSampleError(f"{image_id}: a segment is {type(segment).__name__}, expected an object")
@@ -66,17 +91,10 @@ def checked_person(image_id: str, segment, caption: str, present: set[int], size
     if not 0 < segment["end"] <= len(caption):
         raise CorruptSampleError(f"{image_id}: segment {segment['id']} end={segment['end']} is outside the "
                                  f"caption ({len(caption)} characters)")
-    bbox = segment.get("bbox")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                              and np.isfinite(v) for v in bbox)):
-        raise CorruptSampleError(f"{image_id}: segment {segment['id']} bbox={bbox!r}, expected [x1, y1, x2, y2] numbers")
-    height, width = size
-    x1, y1, x2, y2 = (int(round(v)) for v in bbox)
-    clipped = [max(0, x1), max(0, y1), min(width, x2), min(height, y2)]
-    if clipped[2] - clipped[0] < 2 or clipped[3] - clipped[1] < 2:
-        raise CorruptSampleError(f"{image_id}: segment {segment['id']} bbox={bbox} is inverted or lies outside the "
-                                 f"{width}x{height} image (x2 > x1 and y2 > y1 expected, in pixels)")
-    return {**segment, "bbox": clipped}
+    checked = {**segment, "bbox": checked_box(image_id, segment, "bbox", size)}
+    if segment.get("face_bbox") is not None:
+        checked["face_bbox"] = checked_box(image_id, segment, "face_bbox", size)
+    return checked
 
 
 def read_raw_sample(store, image_id: str) -> RawSample:
@@ -137,6 +155,8 @@ class FFHQWildDataset(Dataset):
         subject_token_index   (S,) long, position of each subject's word (0 where padded)
         subject_valid         (S,) bool
         subject_masks         (S, R, R) float {0, 1}
+        subject_face_masks    (S, R, R) float {0, 1}, with ``face_regions``: the part of each subject's
+                              mask inside its ``face_bbox`` (zeros for a person without one)
         index                 () long, dataset index of the sample actually returned
 
         skipped               () long, how many samples were skipped before this one was found
@@ -150,8 +170,10 @@ class FFHQWildDataset(Dataset):
     def __init__(self, root: str | Path, *, tokenizer: PreTrainedTokenizerBase, subject_image_spec: SubjectImageSpec,
                  resolution: int, split: str = "train", data_format: str = "folder", max_subjects: int = MAX_SUBJECTS,
                  subject_source: SubjectSource | None = None, augmentation: SubjectAugmentation | None = None,
-                 target_flip_p: float = 0.0, cached_latents: bool = False, seed: int = 0):
+                 target_flip_p: float = 0.0, cached_latents: bool = False, face_regions: bool = False,
+                 seed: int = 0):
         self.root = Path(root)
+        self.face_regions = face_regions
         self.cached_latents = cached_latents
         self.store = open_store(root, data_format)
         if not 1 <= max_subjects <= MAX_SUBJECTS:
@@ -220,11 +242,12 @@ class FFHQWildDataset(Dataset):
         if augmented and torch.rand(()) < self.target_flip_p:  # target image and masks flipped together
             image, segments = image.flip(-1), segments.flip(-1)
             width = image.shape[-1]
-            kept = [({**s, "bbox": [width - s["bbox"][2], s["bbox"][1], width - s["bbox"][0], s["bbox"][3]]}, p)
+            kept = [({**s, **{box: flipped_box(s[box], width) for box in ("bbox", "face_bbox") if box in s}}, p)
                     for s, p in kept]
         size, n = self.resolution, self.max_subjects
         subject_pixels = torch.zeros(n, 3, self.spec.size, self.spec.size)
         subject_masks = torch.zeros(n, size, size)
+        face_masks = torch.zeros(n, size, size)
         token_index = torch.zeros(n, dtype=torch.long)
         valid = torch.zeros(n, dtype=torch.bool)
         for slot, (segment, position) in enumerate(kept):
@@ -232,6 +255,11 @@ class FFHQWildDataset(Dataset):
             subject_pixels[slot] = subject_crop(*self.subject_source(self.store, image_id, segment, image, mask), self.spec,
                                                 augment=augment)
             subject_masks[slot] = resize_center_crop(mask[None], size, "nearest")[0]
+            if self.face_regions and "face_bbox" in segment:
+                x1, y1, x2, y2 = segment["face_bbox"]
+                face = torch.zeros_like(mask)
+                face[y1:y2, x1:x2] = mask[y1:y2, x1:x2]
+                face_masks[slot] = resize_center_crop(face[None], size, "nearest")[0]
             token_index[slot] = position
             valid[slot] = True
         if self.cached_latents:
@@ -250,5 +278,6 @@ class FFHQWildDataset(Dataset):
             "subject_token_index": token_index,
             "subject_valid": valid,
             "subject_masks": subject_masks,
+            **({"subject_face_masks": face_masks} if self.face_regions else {}),
             "index": torch.tensor(index),
         }

@@ -36,8 +36,10 @@ def latent_union_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
 class MaskedDenoisingLoss(nn.Module):
     """``|| M * (eps - eps_hat) ||^2`` normalised by the mask's area (foreground-only reconstruction).
 
-    prediction, target (batch, channels, h, w); mask (batch, 1, h, w) in [0, 1]; sample_weights
-    (batch,) optional per-sample weights (min-SNR), applied before the same normalisation.
+    prediction, target (batch, channels, h, w); mask (batch, 1, h, w) >= 0: the subjects' mask in
+    [0, 1] (the paper), or pixel weights (``face_loss_weight``: face pixels heavier), normalised by
+    their sum so the loss keeps its scale; sample_weights (batch,) optional per-sample weights
+    (min-SNR), applied before the same normalisation.
     """
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,

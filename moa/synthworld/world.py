@@ -11,7 +11,7 @@ Layout written (the same one ``FFHQWildDataset`` reads)::
     root/<id[:5]>/<id>.jpg    RGB image
     root/<id[:5]>/<id>.npy    (H, W) integer segment map, values = segment ids, 0 = unlabeled
     root/<id[:5]>/<id>.json   {"caption", "segments": [{"id", "bbox": [x1, y1, x2, y2], "end",
-                                                        "coco_label", "word", "reference"}]}
+                                                        "coco_label", "word", "reference", "face_bbox"}]}
     root/<id[:5]>/<id>_ref<k>.jpg|.npy   person k alone, another pose, studio background (SynthWorld's
                                         addition; read through ``ReferenceRenders``)
 """
@@ -88,10 +88,11 @@ class Identity:
 
 def _draw_person(canvas: ImageDraw.ImageDraw, labels: ImageDraw.ImageDraw, identity: Identity, *, cx: float,
                  ground: float, height: float, segment_id: int, arm_up: bool, head_scale: float = 1.0
-                 ) -> tuple[float, float]:
-    """Draw one figure standing on ``ground`` and return where its hand is. ``head_scale`` enlarges the
-    head (skin and hair); the torso keeps its size and the legs shorten, so the figure's height, and
-    with it how often a head leaves the canvas, stays the same."""
+                 ) -> tuple[tuple[float, float], tuple[float, float, float, float]]:
+    """Draw one figure standing on ``ground``; return where its hand is and its head's box (face and
+    hair, long hair included; unclipped). ``head_scale`` enlarges the head (skin and hair); the torso
+    keeps its size and the legs shorten, so the figure's height, and with it how often a head leaves
+    the canvas, stays the same."""
     head_r = height * 0.13 * head_scale
     head_cy = ground - height + head_r
     body_top, body_bottom = head_cy + head_r, ground - height * (0.35 - 0.26 * (head_scale - 1.0))
@@ -131,7 +132,8 @@ def _draw_person(canvas: ImageDraw.ImageDraw, labels: ImageDraw.ImageDraw, ident
     if identity.shirt_pattern == "striped":
         for y in np.arange(body_top + 2, body_bottom, max(2.0, height * 0.06)):
             canvas.line([(cx - half_w * 0.9, y), (cx + half_w * 0.9, y)], fill=(20, 20, 20), width=1)
-    return hand
+    head_bottom = head_cy + head_r * (1.6 if identity.hair_style == "long" else 1.0)
+    return hand, (cx - head_r * 1.15, head_cy - head_r * 1.1, cx + head_r * 1.15, head_bottom)
 
 
 def render_scene(rng: random.Random, identities: list[Identity], *, size: int, described: bool = False,
@@ -154,7 +156,7 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int, d
     obj, obj_colour = rng.choice(list(OBJECTS)), rng.choice(list(OBJECT_COLOUR))
 
     slots = sorted(rng.sample(range(len(identities) * 2), len(identities)))
-    hand = None
+    hand, heads = None, {}
     for index, identity in enumerate(identities):
         height = size * rng.uniform(0.55, 0.85)
         ground = min(size - 1.0, horizon + size * rng.uniform(0.15, 0.4) + (height - size * 0.55) * 0.3)
@@ -162,9 +164,9 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int, d
         height *= figure_scale
         ground = head_top + height
         cx = size * (slots[index] + rng.uniform(0.6, 1.4)) / (len(identities) * 2 + 1)
-        person_hand = _draw_person(canvas, labels, identity, cx=cx, ground=ground, height=height,
-                                   segment_id=PERSON_SEGMENTS[index], arm_up=holds and index == 0,
-                                   head_scale=head_scale)
+        person_hand, heads[PERSON_SEGMENTS[index]] = _draw_person(
+            canvas, labels, identity, cx=cx, ground=ground, height=height, segment_id=PERSON_SEGMENTS[index],
+            arm_up=holds and index == 0, head_scale=head_scale)
         hand = hand or person_hand
     obj_r = size * 0.07 * object_scale
     ox, oy = hand if holds else (size * rng.uniform(0.1, 0.9), size * rng.uniform(0.75, 0.9))
@@ -198,9 +200,22 @@ def render_scene(rng: random.Random, identities: list[Identity], *, size: int, d
             continue
         segments.append({"id": int(segment_id), "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                          "end": ends[segment_id], "coco_label": coco[segment_id], "word": words[segment_id]})
+        head = face_box(heads.get(segment_id), size)
+        if head is not None:
+            segments[-1]["face_bbox"] = head
     annotation = {"caption": caption, "segments": segments,
                   "identities": [identity.__dict__ for identity in identities], "context": context}
     return image, seg, annotation
+
+
+def face_box(head: tuple[float, float, float, float] | None, size: int) -> list[int] | None:
+    """A drawn head's box in whole pixels, clipped to the ``size`` x ``size`` canvas; None when no head
+    or less than 2 pixels of it lie on the canvas (a head cut off by a close camera has no face box)."""
+    if head is None:
+        return None
+    x1, y1 = max(0, int(np.floor(head[0]))), max(0, int(np.floor(head[1])))
+    x2, y2 = min(size, int(np.ceil(head[2]))), min(size, int(np.ceil(head[3])))
+    return [x1, y1, x2, y2] if x2 - x1 >= 2 and y2 - y1 >= 2 else None
 
 
 def compose_caption(words: list[str], context: dict, details: list[str] | None = None) -> tuple[str, dict[int, int]]:

@@ -54,6 +54,10 @@ class MoALitModule(pl.LightningModule):
             (FastComposer's ``1 - object_appear_prob``). A dropped subject's pixels count as background
             for the router loss: this is what teaches a router to hand a pixel back to the prior.
         text_only_dropout: probability of dropping all subjects of a sample, the caption kept.
+        face_loss_weight: 1 (the paper) weighs every subject pixel alike in ``L_masked``. Above 1, subject
+            pixels inside the subject's face box (``data.face_regions``) weigh this much more: the few
+            pixels that tell people apart (hair colour, skin) otherwise barely move a loss that the
+            subject's clothes dominate. Our lever, not the paper's.
         snr_gamma: min-SNR loss weighting (Hang et al. 2023; diffusers' ``--snr_gamma``): each sample's
             denoising loss is weighted by ``min(SNR, gamma) / SNR`` (``/ (SNR + 1)`` for v-prediction);
             None: unweighted (the paper).
@@ -79,7 +83,8 @@ class MoALitModule(pl.LightningModule):
                  router_loss_reduction: str = "sum_per_image", router_loss_foreground_weight: float = 0.0,
                  image_encoder_lr: float | None = None,
                  lr_scale: dict[str, float] | None = None, condition_dropout: float = 0.1,
-                 subject_dropout: float = 0.0, text_only_dropout: float = 0.0, snr_gamma: float | None = None,
+                 subject_dropout: float = 0.0, text_only_dropout: float = 0.0, face_loss_weight: float = 1.0,
+                 snr_gamma: float | None = None,
                  ema_decay: float | None = None, frozen_dtype: str | None = None,
                  max_timestep: int = 800, gradient_checkpointing: bool = False, channels_last: bool = False,
                  compile_unet: bool = False, seed: int = 0):
@@ -90,6 +95,9 @@ class MoALitModule(pl.LightningModule):
             if weight < 0:
                 raise ValueError(f"model.{name}={weight}: a loss weight must be >= 0")
         self.lambda_router, self.lambda_object = lambda_router, lambda_object
+        if face_loss_weight < 1:
+            raise ValueError(f"model.face_loss_weight={face_loss_weight}: expected >= 1 (1: every subject pixel alike)")
+        self.face_loss_weight = face_loss_weight
         self.image_encoder_lr = image_encoder_lr
         self.lr_scale = dict(lr_scale or {})
         unknown = set(self.lr_scale) - {"experts", "routers", "prompt_encoder"}
@@ -106,7 +114,8 @@ class MoALitModule(pl.LightningModule):
                                    "router_loss_foreground_weight": router_loss_foreground_weight,
                                    "image_encoder_lr": image_encoder_lr, "lambda_object": lambda_object, "condition_dropout": condition_dropout,
                                    "lr_scale": self.lr_scale, "subject_dropout": subject_dropout,
-                                   "text_only_dropout": text_only_dropout, "snr_gamma": snr_gamma,
+                                   "text_only_dropout": text_only_dropout, "face_loss_weight": face_loss_weight,
+                                   "snr_gamma": snr_gamma,
                                    "ema_decay": ema_decay, "frozen_dtype": frozen_dtype, "max_timestep": max_timestep,
                                    "seed": seed})
         self.masked_loss, self.object_loss = MaskedDenoisingLoss(), ObjectLocalizationLoss()
@@ -234,6 +243,18 @@ class MoALitModule(pl.LightningModule):
         for name, value in {**losses, **stats}.items():
             self.log(f"val/{name}", value, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
+    def pixel_weights(self, batch: dict[str, torch.Tensor], foreground: torch.Tensor) -> torch.Tensor:
+        """``L_masked``'s pixel weights (batch, 1, h, w): the subjects' union ``foreground``, its face
+        pixels ``face_loss_weight`` times as heavy."""
+        if self.face_loss_weight == 1:
+            return foreground
+        if "subject_face_masks" not in batch:
+            raise ValueError(f"model.face_loss_weight={self.face_loss_weight} needs face regions in the batch: set "
+                             "data.face_regions=true (person segments with face_bbox)")
+        faces = latent_union_mask(batch["subject_face_masks"] * batch["subject_valid"][..., None, None],
+                                  foreground.shape[-2:])
+        return foreground * (1.0 + (self.face_loss_weight - 1.0) * faces)
+
     def compute_losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator, dropout: bool = True
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The training losses of one batch; ``dropout=False`` keeps every condition (validation)."""
@@ -278,7 +299,7 @@ class MoALitModule(pl.LightningModule):
         masks = batch["subject_masks"] * subject_valid[..., None, None]
         sample_weights = None if self.snr_gamma is None else min_snr_weights(model.noise_scheduler, timesteps,
                                                                               self.snr_gamma)
-        losses = {"masked": self.masked_loss(prediction, target, foreground, sample_weights)}
+        losses = {"masked": self.masked_loss(prediction, target, self.pixel_weights(batch, foreground), sample_weights)}
         stats = {}
         total = losses["masked"]
         if self.use_router:

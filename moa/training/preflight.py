@@ -26,6 +26,7 @@ TRAINING_RANGES = {
     "model.lambda_router": Range(False, 0, None, "a non-negative loss weight (paper: 1e-4)"),
     "model.router_loss_foreground_weight": Range(False, 0, None, "a non-negative weight (paper: 0)"),
     "model.lambda_object": Range(False, 0, None, "a non-negative loss weight (paper: 1e-4)"),
+    "model.face_loss_weight": Range(False, 1, None, "a weight >= 1 for face pixels (paper: 1)"),
     "model.condition_dropout": Range(False, 0, 1, "a probability in [0, 1]"),
     "model.max_timestep": Range(True, 1, None, "a positive number of diffusion timesteps"),
     "model.net.image_encoder_trainable_layers": Range(True, 0, None, "0 or more trainable image-encoder layers"),
@@ -69,6 +70,10 @@ def preflight(cfg: DictConfig) -> None:
     if frozen_dtype is not None and not precision.endswith("-mixed"):
         raise ConfigError(f"model.frozen_dtype={frozen_dtype}: needs a mixed trainer.precision (bf16-mixed or "
                           f"16-mixed, whose autocast mixes the dtypes), not {precision}")
+    face_loss_weight = OmegaConf.select(cfg, "model.face_loss_weight", default=1.0)
+    if face_loss_weight != 1 and not OmegaConf.select(cfg, "data.face_regions", default=False):
+        raise ConfigError(f"model.face_loss_weight={face_loss_weight} weighs face pixels, which needs "
+                          "data.face_regions=true (person segments with face_bbox)")
     if "root" in cfg.data and not is_built(str(cfg.data.root)):
         check_data_root(cfg)
     for option, expect in (("base_model", "a diffusers Stable Diffusion folder or a single-file checkpoint"),
