@@ -412,23 +412,11 @@ def training_summary(run_dir: Path, last: int = 50) -> dict:
     return summary | {"curves": curves}
 
 
-def probe_image_encoder(encoder: str, world: Path, *, steps: int = 500, seed: int = 0) -> dict:
-    """How much identity the image encoder's embeddings carry, on held-out subjects.
-
-    A linear probe per attribute, trained on the L2-normalised ``image_embeds`` of the train split's
-    reference renders and read on the test split's (subjects the encoder never saw), on the subjects
-    where the attribute is visible (no hair colour for the bald), and the mean cosine between the
-    embeddings of different test subjects (near 1: every subject looks alike).
-    """
-    spec = SubjectImageSpec.from_pretrained(encoder)
-    model = load_image_encoder(encoder).eval()
-
-    def embed(split: str) -> tuple[torch.Tensor, list[dict]]:
-        pixels, identities = subject_crops(world, split, spec, sources=("reference",))
-        with torch.no_grad():
-            return F.normalize(model(pixel_values=pixels).image_embeds, dim=-1), identities
-
-    (train, train_ids), (test, test_ids) = embed("train"), embed("test")
+def probe_attributes(train: torch.Tensor, train_ids: list[dict], test: torch.Tensor, test_ids: list[dict], *,
+                     steps: int = 500, seed: int = 0) -> dict[str, float]:
+    """Held-out accuracy of a linear probe per identity attribute: trained on ``train`` (n, dim) features
+    of the ``train_ids`` identities (standardised with the train statistics), read on ``test``'s, on the
+    subjects where the attribute is visible (no hair colour for the bald)."""
     mean, std = train.mean(0), train.std(0).clamp(min=1e-6)
     accuracy = {}
     generator = torch.Generator().manual_seed(seed)
@@ -449,6 +437,27 @@ def probe_image_encoder(encoder: str, world: Path, *, steps: int = 500, seed: in
             predicted = probe((test[seen_test] - mean) / std).argmax(-1)
         truth = torch.tensor([classes.index(i[name]) for i in test_ids])[seen_test]
         accuracy[name] = (predicted == truth).float().mean().item()
+    return accuracy
+
+
+def probe_image_encoder(encoder: str, world: Path, *, steps: int = 500, seed: int = 0) -> dict:
+    """How much identity the image encoder's embeddings carry, on held-out subjects.
+
+    A linear probe per attribute (``probe_attributes``), trained on the L2-normalised ``image_embeds`` of
+    the train split's reference renders and read on the test split's (subjects the encoder never saw),
+    and the mean cosine between the embeddings of different test subjects (near 1: every subject looks
+    alike).
+    """
+    spec = SubjectImageSpec.from_pretrained(encoder)
+    model = load_image_encoder(encoder).eval()
+
+    def embed(split: str) -> tuple[torch.Tensor, list[dict]]:
+        pixels, identities = subject_crops(world, split, spec, sources=("reference",))
+        with torch.no_grad():
+            return F.normalize(model(pixel_values=pixels).image_embeds, dim=-1), identities
+
+    (train, train_ids), (test, test_ids) = embed("train"), embed("test")
+    accuracy = probe_attributes(train, train_ids, test, test_ids, steps=steps, seed=seed)
     cosine = test @ test.T
     off_diagonal = cosine[~torch.eye(len(test), dtype=torch.bool)]
     return {"probe_accuracy": accuracy, "subject_cosine": off_diagonal.mean().item(),
