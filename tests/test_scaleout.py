@@ -46,7 +46,8 @@ def test_ddp_two_cpu_processes_with_a_batch_without_subjects(tmp_path):
     assert (tmp_path / "run" / "moa_weights" / "moa.safetensors").exists()
 
 
-@pytest.mark.parametrize("previous_handler", ["none", "submitit-like exit"])
+# The submitit-like variant (~30 s) runs with -m slow: the default suite is at its 10-minute budget.
+@pytest.mark.parametrize("previous_handler", ["none", pytest.param("submitit-like exit", marks=pytest.mark.slow)])
 def test_preemption_signal_checkpoints_and_resume_matches_uninterrupted(compose_cfg, tmp_path, previous_handler):
     common = ("callbacks.samples.every_n_steps=1000", "callbacks.model_checkpoint.every_n_train_steps=1000",
               "export_dir=null")
