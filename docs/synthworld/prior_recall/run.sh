@@ -79,3 +79,13 @@ python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_
 # 13. The hair-colour confusion of the 4000-step MoA (added 2026-12-06, fifth session; 3.5 min) -> stage2_4000/hair_confusion.json
 python docs/synthworld/prior_recall/hair_confusion.py /tmp/p1k/prior /tmp/sw_4k/world /tmp/sw_4k/synth_moa/moa_weights \
     docs/synthworld/prior_recall/many_people_6k/stage2_4000/hair_confusion.json 16
+# 14. The face-weighted loss (added 2026-12-07): first where the 4000-step MoA loses hair colour (0.5 min
+#     uncontended) -> many_people_6k/face_loss/token_probe_synth_moa_4000.json
+python docs/synthworld/prior_recall/many_people_6k/face_loss/token_probe.py /tmp/p1k/prior /tmp/sw_4k/world \
+    /tmp/sw_4k/synth_moa/moa_weights docs/synthworld/prior_recall/many_people_6k/face_loss/token_probe_synth_moa_4000.json
+#     then synth_moa_face (model.face_loss_weight=3, data.face_regions=true), 4000 steps from scratch on the same
+#     prior; the world is rendered anew (face boxes added, images and other fields byte-identical to step 12's), the
+#     second judge and the prior-image cache were copied from step 12 to save their time -> many_people_6k/face_loss/
+mkdir -p /tmp/sw_face && cp -r /tmp/sw_4k/{cache,judges_seed1} /tmp/sw_face/
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_face]' out=/tmp/sw_face \
+  'scale.stage_overrides=["trainer.max_steps=4000","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
