@@ -57,7 +57,8 @@ class MoALitModule(pl.LightningModule):
         face_loss_weight: 1 (the paper) weighs every subject pixel alike in ``L_masked``. Above 1, subject
             pixels inside the subject's face box (``data.face_regions``) weigh this much more: the few
             pixels that tell people apart (hair colour, skin) otherwise barely move a loss that the
-            subject's clothes dominate. Our lever, not the paper's.
+            subject's clothes dominate. Our lever, not the paper's; at 3 it did not help in SynthWorld
+            (``docs/synthworld/prior_recall/many_people_6k/face_loss/``).
         snr_gamma: min-SNR loss weighting (Hang et al. 2023; diffusers' ``--snr_gamma``): each sample's
             denoising loss is weighted by ``min(SNR, gamma) / SNR`` (``/ (SNR + 1)`` for v-prediction);
             None: unweighted (the paper).
