@@ -89,3 +89,8 @@ python docs/synthworld/prior_recall/many_people_6k/face_loss/token_probe.py /tmp
 mkdir -p /tmp/sw_face && cp -r /tmp/sw_4k/{cache,judges_seed1} /tmp/sw_face/
 python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_face]' out=/tmp/sw_face \
   'scale.stage_overrides=["trainer.max_steps=4000","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
+# 15. synth_moa_tokens4 at 4000 stage-2 steps (added 2026-12-07): step 10's tokens4 run continued from its last
+#     checkpoint (step 900) to 4000 (34.7 min) -> many_people_6k/tokens4/*_4000.*
+mkdir -p /tmp/sw_tok4k && cp -r /tmp/sw_tok/{world,cache,judges_seed1,synth_moa_tokens4} /tmp/sw_tok4k/ && rm -rf /tmp/sw_tok4k/synth_moa_tokens4/moa_weights
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_tokens4]' out=/tmp/sw_tok4k \
+  'scale.stage_overrides=["trainer.max_steps=4000","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
