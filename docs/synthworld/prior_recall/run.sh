@@ -94,3 +94,5 @@ python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_
 mkdir -p /tmp/sw_tok4k && cp -r /tmp/sw_tok/{world,cache,judges_seed1,synth_moa_tokens4} /tmp/sw_tok4k/ && rm -rf /tmp/sw_tok4k/synth_moa_tokens4/moa_weights
 python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_tokens4]' out=/tmp/sw_tok4k \
   'scale.stage_overrides=["trainer.max_steps=4000","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
+python docs/synthworld/prior_recall/hair_confusion.py /tmp/p1k/prior /tmp/sw_tok4k/world \
+    /tmp/sw_tok4k/synth_moa_tokens4/moa_weights docs/synthworld/prior_recall/many_people_6k/tokens4/hair_confusion_4000.json 16
