@@ -188,6 +188,30 @@ def test_extra_subject_tokens_are_appended_and_a_padded_subjects_are_masked_out(
     assert torch.equal(out[1, block, 5:9], subject_tokens[1, block, :, 1:].flatten(0, 1))
 
 
+def test_patch_tokens_follow_the_subject_tokens_shared_over_blocks_and_masked_when_padded():
+    from moa.models.prompt import MultimodalPromptEncoder, personalize_text
+
+    torch.manual_seed(0)
+    pooled_only = MultimodalPromptEncoder(image_dim=8, text_dim=4, num_blocks=16, tokens_per_subject=2)
+    encoder = MultimodalPromptEncoder(image_dim=8, text_dim=4, num_blocks=16, tokens_per_subject=2, patch_tokens=True)
+    encoder.load_state_dict(pooled_only.state_dict(), strict=False)  # same pooled path, new patch projection
+    features, words, timesteps = torch.randn(2, 2, 1 + 4, 8), torch.randn(2, 2, 4), torch.tensor([10, 700])
+    tokens = encoder(features, words, timesteps)
+    assert tokens.shape == (2, 16, 2, 2 + 4, 4)
+    assert torch.allclose(tokens[..., :2, :], pooled_only(features[:, :, 0], words, timesteps))
+    by_hand = torch.nn.functional.layer_norm(features[:, :, 1:] @ encoder.patch_projection[0].weight.T
+                                             + encoder.patch_projection[0].bias, (4,))
+    for block in (0, 9, 15):  # one token per patch, the same at every block
+        assert torch.allclose(tokens[:, block, :, 2:], by_hand, atol=1e-6)
+    out, key_mask = personalize_text(torch.randn(2, 5, 4), tokens, torch.tensor([[1, 3], [2, 1]]),
+                                     torch.tensor([[True, False], [True, True]]))
+    assert out.shape == (2, 16, 5 + 2 * 5, 4)
+    assert key_mask.tolist() == [[True] * 10 + [False] * 5, [True] * 15]
+    assert torch.equal(out[0, 3, 5:10], tokens[0, 3, 0, 1:])
+    with pytest.raises(ValueError, match=r"expects pooled and patch features \(patch_tokens=True\)"):
+        encoder(features[:, :, 0], words, timesteps)
+
+
 def test_masked_extra_tokens_change_nothing_in_the_moa_layer():
     """A padded subject's extra keys are out of the personalized attention: the layer's output is the
     same as without them, whatever they hold."""

@@ -104,10 +104,20 @@ def test_guidance_gives_the_unconditional_half_no_subject(pipe, faces):
     assert not torch.allclose(condition[1], text[1].expand_as(condition[1]))
 
 
-def test_extra_subject_tokens_generate_and_any_image_regenerates_alone(faces, tiny_dir):
-    """With several tokens per subject a prompt's condition is longer; a prompt batched beside one with
-    more subjects gets masked padding keys and must still give the image it gives alone."""
-    model = MoAModel.from_pretrained(tiny_dir / "stable-diffusion", tiny_dir / "clip", tokens_per_subject=3).eval()
+def _extra_token_bias(model):
+    """The biases that make only the extra subject tokens (tokens 2..N of the last layer)."""
+    return model.prompt_encoder.mlp[2].bias[model.text_encoder.config.hidden_size:]
+
+
+@pytest.mark.parametrize("option, extra_bias", [
+    ({"tokens_per_subject": 3}, _extra_token_bias),
+    ({"patch_tokens": True}, lambda model: model.prompt_encoder.patch_projection[0].bias),
+], ids=["tokens_per_subject", "patch_tokens"])
+def test_extra_subject_tokens_generate_and_any_image_regenerates_alone(faces, tiny_dir, option, extra_bias):
+    """With extra keys per subject (more tokens, or patch tokens) a prompt's condition is longer; a prompt
+    batched beside one with more subjects gets masked padding keys and must still give the image it
+    gives alone."""
+    model = MoAModel.from_pretrained(tiny_dir / "stable-diffusion", tiny_dir / "clip", **option).eval()
     _randomize(model)
     multi = MoAPipeline.from_moa_model(model)
     multi.set_progress_bar_config(disable=True)
@@ -117,10 +127,9 @@ def test_extra_subject_tokens_generate_and_any_image_regenerates_alone(faces, ti
     alone = _np(multi(prompts[1], subjects[1], num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(6)],
                       output_type="np"))
     assert np.abs(alone[0] - batch[1]).max() <= 1e-5
-    text_dim = model.text_encoder.config.hidden_size
     with torch.no_grad():  # change only the extra tokens (not by a constant: each is layer-normalised)
-        extra_bias = model.prompt_encoder.mlp[2].bias[text_dim:]
-        extra_bias.add_(torch.randn(extra_bias.shape, generator=torch.Generator().manual_seed(0)))
+        bias = extra_bias(model)
+        bias.add_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(0)))
     changed = _np(multi(prompts[1], subjects[1], num_inference_steps=STEPS,
                         generator=[torch.Generator().manual_seed(6)], output_type="np"))
     assert np.abs(changed[0] - alone[0]).max() > 1e-3

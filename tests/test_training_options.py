@@ -107,6 +107,45 @@ def test_extra_subject_tokens_reach_the_loss_and_travel_with_the_moa_weights(com
         check_ranges(compose_cfg("model.net.tokens_per_subject=0"), TRAINING_RANGES)
 
 
+def test_patch_tokens_reach_the_loss_and_travel_with_the_moa_weights_and_checkpoints(compose_cfg, tmp_path):
+    from omegaconf import OmegaConf
+
+    from moa.models.model import MoAModel, encode_images
+    from moa.training.checkpoints import model_from_checkpoint
+
+    cfg = compose_cfg("model.net.patch_tokens=true")
+    module, batch, _ = module_and_batch(compose_cfg, "model.net.patch_tokens=true")
+    model = module.model
+    pixels = batch["subject_pixel_values"]
+    features = model.encode_subjects(pixels)
+    vision = model.image_encoder.config
+    assert features.shape == (*pixels.shape[:2], 1 + (vision.image_size // vision.patch_size) ** 2, vision.projection_dim)
+    assert torch.equal(features[:, :, 0], encode_images(model.image_encoder, pixels))  # pooled first, as without
+    padded = model.encode_subjects(pixels, torch.tensor([0]))  # only slot 0 holds a subject
+    assert torch.allclose(padded.flatten(0, 1)[0], features.flatten(0, 1)[0], atol=1e-6)
+    assert not padded.flatten(0, 1)[1:].any()
+
+    batch["subject_valid"][:] = True
+    with torch.no_grad():  # experts away from the prior: the subject tokens then change the prediction
+        for p in model.unet.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+    losses, _ = module.compute_losses(batch, torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    projection = model.prompt_encoder.patch_projection[0].weight
+    assert projection.grad is not None and projection.grad.abs().sum() > 0
+
+    exported = model.export_moa(tmp_path / "moa")
+    reloaded = MoAModel.from_pretrained(cfg.base_model, cfg.image_encoder, moa_weights=exported)
+    assert reloaded.prompt_encoder.patch_tokens
+    assert torch.equal(reloaded.prompt_encoder.patch_projection[0].weight, projection)
+    checkpoint = {"hyper_parameters": {"run_config": OmegaConf.to_container(cfg, resolve=True)},
+                  "state_dict": {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}}
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    restored = model_from_checkpoint(tmp_path / "last.ckpt")
+    assert torch.equal(restored.prompt_encoder.patch_projection[0].weight, projection)
+
+
 def test_frozen_image_encoder_gets_no_gradient_and_stays_out_of_the_moa_weights(compose_cfg):
     module = hydra.utils.instantiate(compose_cfg().model)
     assert not module.model.image_encoder_trainable_state_dict()

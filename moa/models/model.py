@@ -72,8 +72,10 @@ def load_image_encoder(path: str | os.PathLike) -> CLIPVisionModelWithProjection
 
 
 def encode_images(image_encoder: CLIPVisionModelWithProjection, subject_pixels: torch.Tensor,
-                  real_slots: torch.Tensor | None = None) -> torch.Tensor:
-    """(batch, subjects, 3, size, size), normalised for the image encoder -> (batch, subjects, image_dim).
+                  real_slots: torch.Tensor | None = None, *, patches: bool = False) -> torch.Tensor:
+    """(batch, subjects, 3, size, size), normalised for the image encoder -> (batch, subjects, image_dim),
+    or with ``patches`` (batch, subjects, 1 + patches, image_dim): the pooled embedding, then each patch's
+    last hidden state through the same post-layernorm and projection (so both live in CLIP's joint space).
 
     real_slots: flat indices into (batch * subjects) of the slots that hold a subject
     (``real_subject_slots``); only those are encoded, the padding slots get zeros (no subject token
@@ -81,13 +83,25 @@ def encode_images(image_encoder: CLIPVisionModelWithProjection, subject_pixels: 
     """
     batch, subjects = subject_pixels.shape[:2]
     flat = subject_pixels.flatten(0, 1).to(image_encoder.dtype)
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        output = image_encoder(pixel_values=pixels)
+        if not patches:
+            return output.image_embeds
+        patch_states = image_encoder.vision_model.post_layernorm(output.last_hidden_state[:, 1:])
+        return torch.cat([output.image_embeds[:, None], image_encoder.visual_projection(patch_states)], dim=1)
+
     if real_slots is None:
-        return image_encoder(pixel_values=flat).image_embeds.view(batch, subjects, -1)
-    features = flat.new_zeros(batch * subjects, image_encoder.config.projection_dim)
-    if real_slots.numel():
-        encoded = image_encoder(pixel_values=flat.index_select(0, real_slots)).image_embeds
-        features = features.to(encoded.dtype).index_copy(0, real_slots, encoded)
-    return features.view(batch, subjects, -1)
+        features = encode(flat)
+    else:
+        config = image_encoder.config
+        shape = (config.projection_dim,) if not patches else (1 + (config.image_size // config.patch_size) ** 2,
+                                                               config.projection_dim)
+        features = flat.new_zeros(batch * subjects, *shape)
+        if real_slots.numel():
+            encoded = encode(flat.index_select(0, real_slots))
+            features = features.to(encoded.dtype).index_copy(0, real_slots, encoded)
+    return features.view(batch, subjects, *features.shape[1:])
 
 
 class MoAModel(nn.Module):
@@ -99,12 +113,15 @@ class MoAModel(nn.Module):
         trains the last 2). Those weights then belong to the MoA weights (export and checkpoints).
     tokens_per_subject: subject tokens made from each subject image (the paper: 1, in place of its
         word; more are appended to the personalized expert's condition, see ``personalize_text``).
+    patch_tokens: also one token per image patch, appended the same way (not the paper; see
+        ``MultimodalPromptEncoder``).
     """
 
     def __init__(self, *, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, image_encoder: CLIPVisionModelWithProjection, noise_scheduler: DDPMScheduler,
                  subject_image_spec: SubjectImageSpec, moa_config: MoAConfig | Mapping = MoAConfig(),
-                 spacetime: bool = True, image_encoder_trainable_layers: int = 0, tokens_per_subject: int = 1):
+                 spacetime: bool = True, image_encoder_trainable_layers: int = 0, tokens_per_subject: int = 1,
+                 patch_tokens: bool = False):
         super().__init__()
         moa_config = moa_config if isinstance(moa_config, MoAConfig) else MoAConfig(**moa_config)
         self.moa_config = moa_config
@@ -123,6 +140,7 @@ class MoAModel(nn.Module):
         self.prompt_encoder = MultimodalPromptEncoder(
             image_dim=image_encoder.config.projection_dim, text_dim=text_encoder.config.hidden_size,
             num_blocks=moa_config.num_transformer_blocks, spacetime=spacetime, tokens_per_subject=tokens_per_subject,
+            patch_tokens=patch_tokens,
         )
         if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
             raise ValueError(
@@ -134,7 +152,8 @@ class MoAModel(nn.Module):
     def from_pretrained(cls, base_model: str | os.PathLike, image_encoder: str | os.PathLike, *,
                         moa_config: MoAConfig | Mapping | None = None, spacetime: bool = True,
                         moa_weights: str | os.PathLike | None = None, base_model_config: str | None = None,
-                        image_encoder_trainable_layers: int = 0, tokens_per_subject: int = 1) -> MoAModel:
+                        image_encoder_trainable_layers: int = 0, tokens_per_subject: int = 1,
+                        patch_tokens: bool = False) -> MoAModel:
         """Load an SD1.5-family base and a CLIP vision model, install MoA, optionally load MoA weights.
 
         base_model: a diffusers folder or hub id, or a single ``.safetensors``/``.ckpt`` checkpoint
@@ -152,12 +171,13 @@ class MoAModel(nn.Module):
             moa_config, spacetime = saved["moa_config"], saved["spacetime"]
             image_encoder_trainable_layers = saved.get("image_encoder_trainable_layers", 0)
             tokens_per_subject = saved.get("tokens_per_subject", 1)
+            patch_tokens = saved.get("patch_tokens", False)
         model = cls(**load_base_components(base_model, base_model_config),
                     image_encoder=load_image_encoder(image_encoder),
                     subject_image_spec=SubjectImageSpec.from_pretrained(image_encoder),
                     moa_config=moa_config or MoAConfig(), spacetime=spacetime,
                     image_encoder_trainable_layers=image_encoder_trainable_layers,
-                    tokens_per_subject=tokens_per_subject)
+                    tokens_per_subject=tokens_per_subject, patch_tokens=patch_tokens)
         if moa_weights is not None:
             model.load_trainable_state_dict(load_file(Path(moa_weights) / EXPORT_WEIGHTS))
         return model
@@ -213,6 +233,7 @@ class MoAModel(nn.Module):
         config = {"moa_config": self.moa_config.to_dict(), "spacetime": self.spacetime,
                   "image_encoder_trainable_layers": self.image_encoder_trainable_layers,
                   "tokens_per_subject": self.prompt_encoder.tokens_per_subject,
+                  "patch_tokens": self.prompt_encoder.patch_tokens,
                   "text_dim": self.text_encoder.config.hidden_size,
                   "image_dim": self.image_encoder.config.projection_dim}
         write_text(out_dir / EXPORT_CONFIG, json.dumps(config, indent=2) + "\n")
@@ -225,9 +246,9 @@ class MoAModel(nn.Module):
         return self.text_encoder(input_ids)[0]
 
     def encode_subjects(self, subject_pixels: torch.Tensor, real_slots: torch.Tensor | None = None) -> torch.Tensor:
-        """``encode_images`` with this model's image encoder. Differentiable: the caller decides whether
-        gradients are needed (``torch.no_grad``)."""
-        return encode_images(self.image_encoder, subject_pixels, real_slots)
+        """``encode_images`` with this model's image encoder, with patch features when its prompt encoder
+        makes patch tokens. Differentiable: the caller decides whether gradients are needed (``torch.no_grad``)."""
+        return encode_images(self.image_encoder, subject_pixels, real_slots, patches=self.prompt_encoder.patch_tokens)
 
     def moa_inputs(self, text_embeddings: torch.Tensor, *, timesteps: torch.Tensor,
                    subject_features: torch.Tensor | None = None, subject_token_index: torch.Tensor | None = None,
@@ -236,7 +257,7 @@ class MoAModel(nn.Module):
         """Build the per-forward MoA inputs.
 
         text_embeddings (batch, tokens, text_dim); timesteps (batch,); subject_features
-        (batch, subjects, image_dim), subject_token_index / subject_valid (batch, subjects). Without
+        (batch, subjects, [1 + patches,] image_dim) from ``encode_subjects``, subject_token_index / subject_valid (batch, subjects). Without
         subjects the personalized expert sees the plain text.
         """
         if subject_features is None or subject_features.shape[1] == 0:

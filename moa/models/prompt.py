@@ -51,10 +51,14 @@ class MultimodalPromptEncoder(nn.Module):
         tokens_per_subject: tokens made for each subject (the paper: 1, in place of its word). More
             give the subject more keys in the personalized cross-attention (``personalize_text``);
             the last linear layer then outputs that many tokens' widths, each normalised alone.
+        patch_tokens: also make one token per image patch (not the paper: IP-Adapter-Plus's route),
+            from the encoder's projected patch features by a linear layer and a LayerNorm, the same
+            for every block and timestep. Pooled features carry what a subject is, not where on the
+            figure it is; a patch token can give the head's queries the head's colours.
     """
 
     def __init__(self, *, image_dim: int, text_dim: int, num_blocks: int = 16, spacetime: bool = True,
-                 hidden_dim: int | None = None, tokens_per_subject: int = 1):
+                 hidden_dim: int | None = None, tokens_per_subject: int = 1, patch_tokens: bool = False):
         super().__init__()
         if tokens_per_subject < 1:
             raise ValueError(f"tokens_per_subject={tokens_per_subject}: expected 1 or more")
@@ -71,19 +75,33 @@ class MultimodalPromptEncoder(nn.Module):
             nn.Linear(multimodal_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, tokens_per_subject * text_dim),
             nn.LayerNorm(text_dim),
         )
+        self.patch_tokens = patch_tokens
+        if patch_tokens:
+            self.patch_projection = nn.Sequential(nn.Linear(image_dim, text_dim), nn.LayerNorm(text_dim))
 
     def forward(self, image_features: torch.Tensor, word_embeddings: torch.Tensor,
                 timesteps: torch.Tensor) -> torch.Tensor:
-        """image_features (batch, subjects, image_dim), word_embeddings (batch, subjects, text_dim),
-        timesteps (batch,) -> subject tokens (batch, blocks, subjects, tokens_per_subject, text_dim),
-        blocks = 1 without spacetime conditioning."""
+        """image_features (batch, subjects, image_dim), or with patch tokens (batch, subjects,
+        1 + patches, image_dim) (pooled first, ``encode_images(patches=True)``); word_embeddings (batch,
+        subjects, text_dim), timesteps (batch,) -> subject tokens (batch, blocks, subjects,
+        tokens_per_subject [+ patches], text_dim), blocks = 1 without spacetime conditioning."""
+        if self.patch_tokens != (image_features.dim() == 4):
+            raise ValueError(f"image features of shape {tuple(image_features.shape)}: this prompt encoder expects "
+                             f"{'pooled and patch' if self.patch_tokens else 'pooled'} features "
+                             f"(patch_tokens={self.patch_tokens})")
+        patches = None
+        if self.patch_tokens:
+            image_features, patches = image_features[:, :, 0], image_features[:, :, 1:]
         multimodal = self.norm(torch.cat([image_features, word_embeddings], dim=-1))[:, None]
         if self.spacetime:
             positional = self.positional_norm(self.positional(timesteps))  # (b, blocks, dim)
             multimodal = multimodal + positional[:, :, None]
         # The final LayerNorm acts per token; kept as mlp[3] so that 1-token weights keep their names.
-        tokens = self.mlp[:3](multimodal).unflatten(-1, (self.tokens_per_subject, -1))
-        return self.mlp[3](tokens)
+        tokens = self.mlp[3](self.mlp[:3](multimodal).unflatten(-1, (self.tokens_per_subject, -1)))
+        if patches is None:
+            return tokens
+        patch_tokens = self.patch_projection(patches.to(tokens.dtype))[:, None].expand(-1, tokens.shape[1], -1, -1, -1)
+        return torch.cat([tokens, patch_tokens], dim=3)
 
 
 def personalize_text(text_embeddings: torch.Tensor, subject_tokens: torch.Tensor, token_index: torch.Tensor,

@@ -96,7 +96,8 @@ def model_from_checkpoint(ckpt_path: str | os.PathLike) -> MoAModel:
     model = MoAModel.from_pretrained(run["base_model"], run["image_encoder"], moa_config=settings["moa_config"],
                                      spacetime=settings["spacetime"], base_model_config=run.get("base_model_config"),
                                      image_encoder_trainable_layers=settings.get("image_encoder_trainable_layers", 0),
-                                     tokens_per_subject=settings.get("tokens_per_subject", 1))
+                                     tokens_per_subject=settings.get("tokens_per_subject", 1),
+                                     patch_tokens=settings.get("patch_tokens", False))
     state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     missing = trainable - set(state)
