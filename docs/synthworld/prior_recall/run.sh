@@ -96,3 +96,11 @@ python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_
   'scale.stage_overrides=["trainer.max_steps=4000","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
 python docs/synthworld/prior_recall/hair_confusion.py /tmp/p1k/prior /tmp/sw_tok4k/world \
     /tmp/sw_tok4k/synth_moa_tokens4/moa_weights docs/synthworld/prior_recall/many_people_6k/tokens4/hair_confusion_4000.json 16
+# 16. The patch-token lever (added 2026-12-07, second session; model.net.patch_tokens): step 10's prior rebuilt
+#     (/tmp had been wiped; `train_prior 1024 6000 /tmp/p1k`), then synth_moa_patches at 4000 stage-2 steps from
+#     scratch, then the hair-colour confusion -> many_people_6k/patch_tokens/
+train_prior 1024 6000 /tmp/p1k
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_patches]' out=/tmp/sw_patch \
+  'scale.stage_overrides=["trainer.max_steps=4000","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
+python docs/synthworld/prior_recall/hair_confusion.py /tmp/p1k/prior /tmp/sw_patch/world \
+    /tmp/sw_patch/synth_moa_patches/moa_weights docs/synthworld/prior_recall/many_people_6k/patch_tokens/hair_confusion.json 16
