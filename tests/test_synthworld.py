@@ -411,3 +411,20 @@ def test_face_boxes_hold_every_hair_pixel_and_the_face():
             shirt = of_colour(SHIRT_COLOUR[identity.shirt_colour])
             assert (shirt & inside).sum() <= 0.1 * shirt.sum(), (seed, index, "shirt in the face box")
     assert checked_hair >= 20
+
+
+def test_reference_on_a_chosen_background_keeps_the_drawn_pose():
+    """``render_reference(background=...)`` changes the studio colour only: the figure (its mask and pixels)
+    is the one the default draw gives, so one subject can be shown on every studio colour."""
+    import random
+
+    from moa.synthworld.world import STUDIO_BACKGROUNDS, Identity, render_reference
+
+    identity = Identity.sample(random.Random(3))
+    default, default_seg = render_reference(random.Random(7), identity, size=64)
+    for background in STUDIO_BACKGROUNDS:
+        image, seg = render_reference(random.Random(7), identity, size=64, background=background)
+        pixels, default_pixels = np.asarray(image), np.asarray(default)
+        assert np.array_equal(seg, default_seg)
+        assert np.array_equal(pixels[seg > 0], default_pixels[seg > 0])
+        assert (pixels[seg == 0] == background).all()

@@ -244,11 +244,14 @@ def compose_caption(words: list[str], context: dict, details: list[str] | None =
 STUDIO_BACKGROUNDS = ((128, 128, 128), (70, 90, 140), (230, 230, 225), (150, 120, 160))
 
 
-def render_reference(rng: random.Random, identity: Identity, *, size: int, head_scale: float = 1.0
-                     ) -> tuple[Image.Image, np.ndarray]:
+def render_reference(rng: random.Random, identity: Identity, *, size: int, head_scale: float = 1.0,
+                     background: tuple[int, int, int] | None = None) -> tuple[Image.Image, np.ndarray]:
     """The subject alone, in another pose and on a studio background: an identity image that shares
-    neither the target's pose nor its context. Segment map: 1 on the figure, 0 elsewhere."""
-    image = Image.new("RGB", (size, size), rng.choice(STUDIO_BACKGROUNDS))
+    neither the target's pose nor its context. Segment map: 1 on the figure, 0 elsewhere.
+    ``background``: this colour instead of the drawn one; the pose is the same either way (the draw
+    is made regardless), so one figure can be shown on every studio colour."""
+    drawn = rng.choice(STUDIO_BACKGROUNDS)
+    image = Image.new("RGB", (size, size), background or drawn)
     segmap = Image.new("I", (size, size), 0)
     _draw_person(ImageDraw.Draw(image), ImageDraw.Draw(segmap), identity, cx=size * rng.uniform(0.4, 0.6),
                  ground=size * 0.95, height=size * rng.uniform(0.75, 0.9), segment_id=1, arm_up=rng.random() < 0.5,

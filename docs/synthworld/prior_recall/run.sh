@@ -104,3 +104,11 @@ python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_
   'scale.stage_overrides=["trainer.max_steps=4000","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
 python docs/synthworld/prior_recall/hair_confusion.py /tmp/p1k/prior /tmp/sw_patch/world \
     /tmp/sw_patch/synth_moa_patches/moa_weights docs/synthworld/prior_recall/many_people_6k/patch_tokens/hair_confusion.json 16
+#     and whether the reference's studio background changes what MoA draws (background_leak.py, 1.8 min each), on
+#     those weights and on a 1000-step synth_moa of the same world -> many_people_6k/patch_tokens/background_leak_*.json
+python -m moa.training paths.cache_dir=/tmp/sw_patch/cache seed=0 logger=csv embedded.data_root=/tmp/sw_patch/world \
+  experiment=synth_moa hydra.run.dir=/tmp/sw_patch/synth_moa base_model=/tmp/p1k/prior image_encoder=moa/assets/synth-clip
+python docs/synthworld/prior_recall/background_leak.py /tmp/p1k/prior /tmp/sw_patch/world /tmp/sw_patch/synth_moa/moa_weights \
+  docs/synthworld/prior_recall/many_people_6k/patch_tokens/background_leak_synth_moa_1000.json 8
+python docs/synthworld/prior_recall/background_leak.py /tmp/p1k/prior /tmp/sw_patch/world /tmp/sw_patch/synth_moa_patches/moa_weights \
+  docs/synthworld/prior_recall/many_people_6k/patch_tokens/background_leak_synth_moa_patches.json 8
