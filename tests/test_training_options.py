@@ -79,18 +79,24 @@ def test_image_encoder_trainable_layers_get_gradients_their_own_lr_and_travel_wi
         hydra.utils.instantiate(compose_cfg("model.net.image_encoder_trainable_layers=99").model)
 
 
+def _backward_with_every_subject(module, batch):
+    """Backpropagate the training loss with every subject slot feeding the prompt and the experts moved
+    away from the prior, so that the subject tokens change the prediction."""
+    batch["subject_valid"][:] = True
+    with torch.no_grad():
+        for p in module.model.unet.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+    losses, _ = module.compute_losses(batch, torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+
+
 def test_extra_subject_tokens_reach_the_loss_and_travel_with_the_moa_weights(compose_cfg, tmp_path):
     from moa.models.model import MoAModel
 
     module, batch, _ = module_and_batch(compose_cfg, "model.net.tokens_per_subject=3")
     model = module.model
-    batch["subject_valid"][:] = True
-    with torch.no_grad():  # experts away from the prior: the subject tokens then change the prediction
-        for p in model.unet.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
-    losses, _ = module.compute_losses(batch, torch.Generator().manual_seed(0))
-    losses["loss"].backward()
+    _backward_with_every_subject(module, batch)
     text_dim = model.text_encoder.config.hidden_size
     out_layer = model.prompt_encoder.mlp[2]
     assert out_layer.weight.shape[0] == 3 * text_dim
@@ -125,13 +131,7 @@ def test_patch_tokens_reach_the_loss_and_travel_with_the_moa_weights_and_checkpo
     assert torch.allclose(padded.flatten(0, 1)[0], features.flatten(0, 1)[0], atol=1e-6)
     assert not padded.flatten(0, 1)[1:].any()
 
-    batch["subject_valid"][:] = True
-    with torch.no_grad():  # experts away from the prior: the subject tokens then change the prediction
-        for p in model.unet.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
-    losses, _ = module.compute_losses(batch, torch.Generator().manual_seed(0))
-    losses["loss"].backward()
+    _backward_with_every_subject(module, batch)
     projection = model.prompt_encoder.patch_projection[0].weight
     assert projection.grad is not None and projection.grad.abs().sum() > 0
 

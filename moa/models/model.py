@@ -257,8 +257,8 @@ class MoAModel(nn.Module):
         """Build the per-forward MoA inputs.
 
         text_embeddings (batch, tokens, text_dim); timesteps (batch,); subject_features
-        (batch, subjects, [1 + patches,] image_dim) from ``encode_subjects``, subject_token_index / subject_valid (batch, subjects). Without
-        subjects the personalized expert sees the plain text.
+        (batch, subjects, [1 + patches,] image_dim) from ``encode_subjects``, subject_token_index /
+        subject_valid (batch, subjects). Without subjects the personalized expert sees the plain text.
         """
         if subject_features is None or subject_features.shape[1] == 0:
             return MoAInputs(personalized_condition=text_embeddings[:, None],
