@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from transformers import CLIPTokenizer
@@ -206,6 +207,31 @@ def test_shards_give_the_same_samples_as_the_folder(make_dataset, synthetic_root
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+def test_the_pipeline_gives_the_image_encoder_what_training_gave_it(make_dataset, synthetic_root):
+    """A reference render and its mask handed to the pipeline become exactly the encoder input that
+    training made of them (the mask's box, not the whole frame: there the figure would be smaller and
+    off-centre, and the head's colours, a few pixels, were lost at sampling)."""
+    from moa.inference.pipeline import Subject, subject_pixels
+    from moa.synthworld.world import ReferenceRenders
+
+    dataset = make_dataset(synthetic_root, subject_source=ReferenceRenders())
+    checked = 0
+    for index, image_id in enumerate(dataset.ids[:6]):
+        annotation = json.loads((synthetic_root / image_id[:5] / f"{image_id}.json").read_text())
+        people = [s for s in annotation["segments"] if s["coco_label"] == "person"]
+        if len(people) != 1:
+            continue
+        reference = synthetic_root / image_id[:5] / people[0]["reference"]
+        mask = np.load(f"{reference}.npy") > 0
+        assert mask.sum() < 0.5 * mask.size  # a figure on a studio background, not a full-frame crop
+        pixels = subject_pixels(Subject(Image.open(f"{reference}.jpg"), people[0]["word"], mask=mask), dataset.spec)
+        assert torch.equal(pixels, dataset[index]["subject_pixel_values"][0])
+        checked += 1
+    assert checked >= 2
+    with pytest.raises(ValueError, match="the mask is empty"):
+        subject_pixels(Subject(Image.open(f"{reference}.jpg"), "man", mask=np.zeros_like(mask)), dataset.spec)
 
 
 def test_reference_renders_feed_the_image_encoder_when_asked(make_dataset, synthetic_root, tmp_path):

@@ -18,7 +18,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, UnidentifiedImageError
 
 from moa.data.subjects import MAX_SUBJECTS, SubjectBindingError, token_positions, word_ends
-from moa.data.transforms import SubjectImageSpec, image_to_tensor, subject_crop
+from moa.data.transforms import SubjectImageSpec, image_to_tensor, mask_bbox, subject_crop
 from moa.models.inputs import MoAInputs
 from moa.models.model import MoAModel
 from moa.models.unet import moa_processors
@@ -29,9 +29,10 @@ class Subject:
     """A subject image bound to a word of the prompt ("man", "woman", ...).
 
     ``image``: a path or a PIL image. ``mask``: optional (H, W) foreground mask of the image's size;
-    the background is replaced by the encoder's mean colour, as in training. Give one: training
-    always replaces the background, so an unmasked subject (encoded with its background) is input the
-    image encoder and prompt encoder never saw; a tight crop of the subject is the next best.
+    as in training, the encoder then sees the mask's bounding box with the background replaced by its
+    mean colour. Give one: training always crops to the subject and replaces the background, so an
+    unmasked subject (the whole image, background included) is input the image encoder and prompt
+    encoder never saw; a tight crop of the subject is the next best.
     """
 
     image: str | os.PathLike | Image.Image
@@ -63,7 +64,9 @@ def load_subject_image(image: str | os.PathLike | Image.Image) -> Image.Image:
 
 
 def subject_pixels(subject: Subject, spec: SubjectImageSpec) -> torch.Tensor:
-    """The image encoder's input for one subject: (3, size, size), normalised."""
+    """The image encoder's input for one subject: (3, size, size), normalised, made as training makes
+    it (``FFHQWildDataset``): the box of the subject's mask, background set to the encoder's mean. The
+    box matters as much as the mask: the whole frame would show the subject smaller and off-centre."""
     image = load_subject_image(subject.image)
     tensor = image_to_tensor(image)
     if subject.mask is None:
@@ -73,7 +76,10 @@ def subject_pixels(subject: Subject, spec: SubjectImageSpec) -> torch.Tensor:
         if tuple(mask.shape) != tuple(tensor.shape[1:]):
             raise ValueError(f"subject {subject.word!r}: mask of shape {tuple(mask.shape)}, expected the image's "
                              f"(H, W) = {tuple(tensor.shape[1:])} (a 2-D foreground mask)")
-    return subject_crop(tensor, mask, [0, 0, tensor.shape[2], tensor.shape[1]], spec)
+    box = mask_bbox(mask)
+    if box is None:
+        raise ValueError(f"subject {subject.word!r}: the mask is empty (expected the subject's pixels as nonzero)")
+    return subject_crop(tensor, mask, box, spec)
 
 
 def scheduler_from_name(name: str, config):
