@@ -52,6 +52,21 @@ def check_ranges(cfg: DictConfig, ranges: dict[str, Range]) -> None:
             raise ConfigError(f"{option}={value!r}: expected {accepted.expected}")
 
 
+GUIDANCE_RANGES = {
+    "guidance_scale": Range(False, 0, None, "a non-negative guidance scale (1: no guidance)"),
+    "subject_guidance_scale": Range(False, 0, None, "a non-negative scale of the subject images' share, or null "
+                                    "(plain guidance)", nullable=True),
+}
+
+
+def check_guidance(cfg: DictConfig) -> None:
+    """The sampler's guidance options of a generating command (``MoAPipeline.__call__``)."""
+    check_ranges(cfg, GUIDANCE_RANGES)
+    if cfg.get("subject_guidance_scale") is not None and cfg.guidance_scale <= 1:
+        raise ConfigError(f"subject_guidance_scale={cfg.subject_guidance_scale}: needs classifier-free guidance, "
+                          f"guidance_scale > 1 (got {cfg.guidance_scale})")
+
+
 def exit_on_config_error(main: Callable) -> Callable:
     """Wrap an entry point: a ``ConfigError`` is printed as its one line, and the process exits with 2."""
 

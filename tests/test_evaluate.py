@@ -68,15 +68,18 @@ def test_evaluation_config_errors_come_before_any_model_loads(tmp_path):
             cfg.paths.output_dir = str(tmp_path / "eval")
         return cfg
 
-    cases = [("metrics.identity.weights=/no/such/vggface2.pt", "metrics.identity.weights='/no/such/vggface2.pt'"),
-             ("metrics.identity.allow_random_weights=false", "metrics.identity.weights is not set"),
-             ("num_inference_steps=0", "num_inference_steps=0: expected a positive"),
-             ("seeds=[0,a]", "seeds="),
-             ("ckpt_path=null", "set exactly one of ckpt_path")]
-    for override, expected in cases:
+    cases = [(["metrics.identity.weights=/no/such/vggface2.pt"], "metrics.identity.weights='/no/such/vggface2.pt'"),
+             (["metrics.identity.allow_random_weights=false"], "metrics.identity.weights is not set"),
+             (["num_inference_steps=0"], "num_inference_steps=0: expected a positive"),
+             (["seeds=[0,a]"], "seeds="),
+             (["ckpt_path=null"], "set exactly one of ckpt_path"),
+             (["subject_guidance_scale=-1"], "subject_guidance_scale=-1: expected a non-negative"),
+             (["guidance_scale=1", "subject_guidance_scale=2"],
+              "subject_guidance_scale=2: needs classifier-free guidance, guidance_scale > 1")]
+    for overrides, expected in cases:
         start = time.monotonic()
         with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
-            evaluate(config(override))
+            evaluate(config(*overrides))
         assert time.monotonic() - start < 2
     with pytest.raises(ValueError, match=r"x.ckpt'?: unreadable checkpoint \(EOFError"):
         evaluate(config())  # a valid config: the empty checkpoint is named, not a bare EOFError

@@ -104,6 +104,25 @@ def test_guidance_gives_the_unconditional_half_no_subject(pipe, faces):
     assert not torch.allclose(condition[1], text[1].expand_as(condition[1]))
 
 
+def test_subject_guidance_scales_only_the_subjects_share(pipe, faces):
+    """``subject_guidance_scale`` = ``guidance_scale`` is plain guidance; at 0 the subjects' share is
+    scaled away, so which subject image is given no longer matters; any other value changes the image."""
+    prompt, subjects = "a man holding a red ball", [Subject(faces[0], "man")]
+
+    def generate(subject_lists, **scales):
+        return _np(pipe(prompt, subject_lists, num_inference_steps=STEPS, guidance_scale=5.0, generator=_gen(4),
+                        output_type="np", **scales))
+
+    plain = generate(subjects)
+    assert np.abs(generate(subjects, subject_guidance_scale=5.0) - plain).max() <= 1e-5
+    other = [Subject(faces[1], "man")]  # another face: a small change in this random model, made visible at 20
+    for scale, differs in ((20.0, True), (0.0, False)):
+        change = np.abs(generate(other, subject_guidance_scale=scale) - generate(subjects, subject_guidance_scale=scale))
+        assert (change.max() > 1e-3) if differs else (change.max() <= 1e-5), (scale, change.max())
+    with pytest.raises(ValueError, match="subject_guidance_scale=2.0 needs classifier-free guidance"):
+        pipe(prompt, subjects, num_inference_steps=STEPS, guidance_scale=1.0, subject_guidance_scale=2.0)
+
+
 def _extra_token_bias(model):
     """The biases that make only the extra subject tokens (tokens 2..N of the last layer)."""
     return model.prompt_encoder.mlp[2].bias[model.text_encoder.config.hidden_size:]

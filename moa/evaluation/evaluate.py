@@ -21,7 +21,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moa.checks import ConfigError, Range, check_ranges, exit_on_config_error
+from moa.checks import ConfigError, Range, check_guidance, check_ranges, exit_on_config_error
 from moa.config import CONFIG_DIR
 from moa.files import remove_partials, save_image, write_text
 
@@ -41,7 +41,6 @@ def protocol_prompts(protocol, limit: int | None) -> list[tuple[int, str]]:
 
 EVALUATION_RANGES = {
     "num_inference_steps": Range(True, 1, None, "a positive number of denoising steps"),
-    "guidance_scale": Range(False, 0, None, "a non-negative guidance scale (1: no guidance)"),
     "subsample.subjects": Range(True, 1, None, "a positive number of subjects, or null for all", nullable=True),
     "subsample.prompts": Range(True, 1, None, "a positive number of prompts per category, or null for all",
                                nullable=True),
@@ -52,6 +51,7 @@ EVALUATION_RANGES = {
 def check_evaluation_config(cfg: DictConfig) -> None:
     """Everything that can be checked before a model loads or an image is generated (a second or less)."""
     check_ranges(cfg, EVALUATION_RANGES)
+    check_guidance(cfg)
     if not cfg.seeds or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in cfg.seeds):
         raise ConfigError(f"seeds={list(cfg.seeds or [])!r}: expected a non-empty list of integers")
     if bool(cfg.ckpt_path) == bool(cfg.moa_weights):
@@ -105,8 +105,8 @@ def generate_grid(cfg: DictConfig, pipe, protocol, subjects: list[str], prompts:
         subjects_arg = None if subject == "prior" else [[Subject(protocol.reference_image(subject), word)]] * len(paths)
         generators = [torch.Generator(device=cfg.device).manual_seed(int(seed)) for seed in cfg.seeds]
         output = pipe([prompt] * len(paths), subjects_arg, num_inference_steps=cfg.num_inference_steps,
-                      guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, generator=generators,
-                      record_router_maps=subject != "prior")
+                      guidance_scale=cfg.guidance_scale, subject_guidance_scale=cfg.subject_guidance_scale,
+                      height=cfg.height, width=cfg.width, generator=generators, record_router_maps=subject != "prior")
         for k, (image, path) in enumerate(zip(output.images, paths)):
             if subject != "prior":
                 maps = {name: m[:, k] for name, m in output.router_maps.items()}

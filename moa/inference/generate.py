@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moa.checks import ConfigError, exit_on_config_error
+from moa.checks import ConfigError, check_guidance, exit_on_config_error
 from moa.config import CONFIG_DIR
 from moa.files import save_image, write_text
 
@@ -46,6 +46,7 @@ def generate(cfg: DictConfig) -> list[dict]:
     from moa.models.model import EXPORT_WEIGHTS, MoAModel
     from moa.pretrained import check_pretrained_path
 
+    check_guidance(cfg)
     try:
         check_pretrained_path(cfg.moa_weights, option="moa_weights", expect="a folder written by train.py's export")
     except FileNotFoundError as error:
@@ -68,13 +69,15 @@ def generate(cfg: DictConfig) -> list[dict]:
               "image_encoder": str(cfg.image_encoder), "image_encoder_sha256": file_digest(cfg.image_encoder),
               "moa_weights": str(cfg.moa_weights), "moa_weights_sha256": file_digest(Path(cfg.moa_weights) / EXPORT_WEIGHTS),
               "scheduler": cfg.scheduler, "scheduler_config": dict(pipe.scheduler.config),
-              "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale}
+              "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
+              "subject_guidance_scale": cfg.subject_guidance_scale}
     records = []
     for index, request in enumerate(requests):
         subjects = [Subject(s["image"], s["word"]) for s in request.get("subjects") or []]
         generator = torch.Generator(device=cfg.device).manual_seed(int(request["seed"]))
         output = pipe(request["prompt"], subjects or None, num_inference_steps=cfg.num_inference_steps,
-                      guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, generator=[generator],
+                      guidance_scale=cfg.guidance_scale, subject_guidance_scale=cfg.subject_guidance_scale,
+                      height=cfg.height, width=cfg.width, generator=[generator],
                       record_router_maps=cfg.record_router_maps)
         name = f"{index:04d}_seed{request['seed']}"
         save_image(output.images[0], out_dir / f"{name}.png")

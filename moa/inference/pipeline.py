@@ -158,18 +158,19 @@ class MoAPipeline(StableDiffusionPipeline):
 
     # ---- generation ------------------------------------------------------------------------------
 
-    def _control_input(self, control_image, batch: int, height: int, width: int, guided: bool) -> torch.Tensor:
+    def _control_input(self, control_image, batch: int, height: int, width: int, copies: int) -> torch.Tensor:
         processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False)
         image = processor.preprocess(control_image, height=height, width=width).to(self._execution_device, self.unet.dtype)
         image = image.repeat_interleave(batch // image.shape[0], dim=0) if image.shape[0] != batch else image
-        return torch.cat([image, image]) if guided else image
+        return torch.cat([image] * copies)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None,
                  subjects: list[Subject] | list[list[Subject]] | None = None, *,
                  negative_prompt: str | list[str] | None = None, prompt_embeds: torch.Tensor | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, generator: torch.Generator | list[torch.Generator] | None = None,
+                 guidance_scale: float = 7.5, subject_guidance_scale: float | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil",
                  prepared_subjects: dict[str, torch.Tensor] | None = None,
                  controlnet: ControlNetModel | None = None, control_image=None,
@@ -181,6 +182,12 @@ class MoAPipeline(StableDiffusionPipeline):
             empty: prior-only generation (the base model, exactly).
         prompt_embeds: (batch, tokens, dim) text embeddings to use instead of encoding ``prompt``
             (``prompt`` is then still used to bind subjects to tokens).
+        subject_guidance_scale: None (the paper): classifier-free guidance between the negative prompt and
+            the prompt with its subjects, ``guidance_scale`` times. A number g_s: a third U-Net pass, the
+            prompt without its subjects (as the unconditional pass, no subject image), and ``uncond +
+            guidance_scale * (text - uncond) + g_s * (subjects - text)``, so the subject images' share is
+            scaled on its own (g_s = ``guidance_scale`` is plain guidance; at 0 the subject image no
+            longer matters). Needs ``guidance_scale`` > 1; without subjects it changes nothing.
         generator: one per image, so any image of a batch can be regenerated alone.
         prepared_subjects: subject tensors as from ``prepare_subjects`` (``subject_pixel_values``, or
             ``subject_features`` already encoded, plus ``subject_token_index`` and ``subject_valid``).
@@ -205,14 +212,20 @@ class MoAPipeline(StableDiffusionPipeline):
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         guided = guidance_scale > 1.0
+        if subject_guidance_scale is not None and not guided:
+            raise ValueError(f"subject_guidance_scale={subject_guidance_scale} needs classifier-free guidance: "
+                             f"guidance_scale > 1 (got {guidance_scale})")
 
         prompt_embeds, negative_embeds = self.encode_prompt(prompts or None, device, 1, guided, negative_prompt,
                                                             prompt_embeds=prompt_embeds)
-        text = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
+        # The U-Net's batch: [unconditional,] [prompt without subjects (subject guidance),] prompt with subjects.
+        subject_guided = subject_guidance_scale is not None and prepared_subjects is not None
+        copies = 1 + guided + subject_guided
+        text = torch.cat([negative_embeds] + [prompt_embeds] * (copies - 1)) if guided else prompt_embeds
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, prompt_embeds.dtype,
                                        device, generator, latents)
-        control = None if controlnet is None else self._control_input(control_image, batch, height, width, guided)
+        control = None if controlnet is None else self._control_input(control_image, batch, height, width, copies)
 
         features = token_index = valid = None
         if prepared_subjects is not None:
@@ -221,10 +234,9 @@ class MoAPipeline(StableDiffusionPipeline):
             if features is None:
                 features = self.moa.encode_subjects(prepared["subject_pixel_values"])
             token_index, valid = prepared["subject_token_index"], prepared["subject_valid"]
-            if guided:  # the unconditional half sees no subject
-                features = torch.cat([features, features])
-                token_index = torch.cat([token_index, token_index])
-                valid = torch.cat([torch.zeros_like(valid), valid])
+            # only the last copy sees the subjects
+            features, token_index = torch.cat([features] * copies), torch.cat([token_index] * copies)
+            valid = torch.cat([torch.zeros_like(valid)] * (copies - 1) + [valid])
         processors = moa_processors(self.unet)
         record_router = frozenset(processors) if record_router_maps else frozenset()
         record_attention = frozenset(n for n, p in processors.items() if p.is_cross_attention) \
@@ -233,7 +245,7 @@ class MoAPipeline(StableDiffusionPipeline):
         attention_maps: dict[str, list[torch.Tensor]] = {}
 
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([latents, latents]) if guided else latents
+            model_input = torch.cat([latents] * copies)
             model_input = self.scheduler.scale_model_input(model_input, t)
             timesteps = t.expand(model_input.shape[0]).to(device)
             if features is None:  # prior-only generation is the base model: no router, nothing to record
@@ -249,7 +261,11 @@ class MoAPipeline(StableDiffusionPipeline):
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             noise_pred = self.unet(model_input, t, encoder_hidden_states=text, cross_attention_kwargs={"moa": moa},
                                    return_dict=False, **residuals)[0]
-            if guided:
+            if subject_guided:
+                uncond, without_subjects, cond = noise_pred.chunk(3)
+                noise_pred = (uncond + guidance_scale * (without_subjects - uncond)
+                              + subject_guidance_scale * (cond - without_subjects))
+            elif guided:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]

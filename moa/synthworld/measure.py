@@ -95,7 +95,8 @@ def _generate(pipe, prompts: list[str], subject_lists, seed: int, cfg, record: b
     and personalized images share their starting noise) -> ((n, 3, H, W) in [0, 1], router maps)."""
     generators = [torch.Generator().manual_seed(seed) for _ in prompts]
     output = pipe(prompts, subject_lists, num_inference_steps=cfg.eval.num_inference_steps,
-                  guidance_scale=cfg.eval.guidance_scale, generator=generators, output_type="pt",
+                  guidance_scale=cfg.eval.guidance_scale, subject_guidance_scale=cfg.eval.subject_guidance_scale,
+                  generator=generators, output_type="pt",
                   record_router_maps=record)
     return output.images.float().cpu(), output.router_maps
 
@@ -273,7 +274,8 @@ def evaluate_variants(cfg: DictConfig, out: Path, world: Path, prior: str, image
     results = {"chance_identity_accuracy": chance_identity_accuracy(), "variants": {},
                "protocol": {"subjects": {w: [s.image_id for s in people] for w, people in subjects.items()},
                             "contexts": contexts, "seeds": seeds, "num_inference_steps": cfg.eval.num_inference_steps,
-                            "guidance_scale": cfg.eval.guidance_scale, "scheduler": cfg.eval.scheduler}}
+                            "guidance_scale": cfg.eval.guidance_scale,
+                            "subject_guidance_scale": cfg.eval.subject_guidance_scale, "scheduler": cfg.eval.scheduler}}
 
     def pipeline(moa_weights: Path | None) -> tuple[MoAModel, MoAPipeline]:
         model = MoAModel.from_pretrained(prior, image_encoder, moa_weights=moa_weights)
