@@ -92,6 +92,11 @@ def test_the_whole_reproduction_runs_end_to_end_and_resumes(tmp_path):
             for name in ("own", "shuffled", "none"):
                 assert sum(q[name] * q["pairs"] for q in quarters) / information["pairs"] == pytest.approx(information[name], rel=1e-4)
             assert all(low < high for low, high in (q["timesteps"] for q in quarters))
+            regions = information["by_region"]
+            assert set(regions) == {"head", "body"}
+            for region in regions.values():  # same samples; a figure's head and body are both seen
+                assert region["pairs"] == information["pairs"] and np.isfinite(region["gain"])
+                assert region["own"] > 0 and region["shuffled"] > 0
     assert set(results["timings_seconds"]) >= {"world", "stage1_vae", "stage1_prior", "synth_moa", "judges", "evaluation"}
     assert "| claim |" in (out / "results.md").read_text()
     assert Image.open(out / "fig7_synth_moa.png").size[0] > 64 and (out / "router_maps_synth_moa.png").exists()
@@ -157,6 +162,23 @@ def test_context_gap_is_paired_by_prompt_and_seed():
     assert gap["stderr"] == pytest.approx(25.0)
 
 
+def test_head_and_body_weights_split_the_subject_exactly():
+    """The judge-free gain's regions: one figure (8x8 pixels) with a 4x8 head on top, a second subject
+    slot padded with zeros, at a 4x4 latent grid. The antialiased resize weighs the four pixel rows
+    around each latent row 1:3:3:1, so the head's latent rows are 1, 7/8, 1/8, 0, the body takes the
+    rest, and together they are the figure's weights."""
+    from moa.synthworld.measure import region_weights
+
+    subject_masks, face_masks = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8)
+    subject_masks[0, 0] = 1.0
+    face_masks[0, 0, :4] = 1.0
+    weights = region_weights(subject_masks, face_masks, (4, 4))
+    head_rows = torch.tensor([1.0, 7 / 8, 1 / 8, 0.0])[:, None].expand(4, 4)
+    assert torch.allclose(weights["head"][0, 0], head_rows, atol=1e-6)
+    assert torch.allclose(weights["body"][0, 0], 1 - head_rows, atol=1e-6)
+    assert torch.allclose(weights["head"] + weights["body"], weights["subject"])
+
+
 def test_a_claim_holds_only_beyond_two_standard_errors():
     from moa.synthworld.report import accuracy_gap, claims
 
@@ -196,6 +218,12 @@ def test_a_claim_holds_only_beyond_two_standard_errors():
     key = "injection reaches the model: held-out subjects' pixels, denoising error with their own image vs another subject's"
     information = {"own": 0.080, "shuffled": 0.083, "none": 0.082, "gain": 0.036, "difference_stderr": 0.001}
     assert verdicts(variant | {"identity_information": {"test": information}})[key] == "yes"
+    head = {"own": 0.09, "shuffled": 0.09, "gain": 0.0, "difference_stderr": 0.0009}
+    body = {"own": 0.06, "shuffled": 0.075, "gain": 0.2, "difference_stderr": 0.0015}
+    rows = dict((claim, measured) for claim, measured, _, _ in
+                claims({"chance_identity_accuracy": 0.29, "variants": {"synth_moa": variant | {
+                    "identity_information": {"test": information | {"by_region": {"head": head, "body": body}}}}}}))
+    assert rows[key].endswith("; head / rest of the figure: 0 +- 1 / 20 +- 2%")
     assert verdicts(variant | {"identity_information": {"test": information | {"difference_stderr": 0.002}}})[key] == "**no**"
 
 

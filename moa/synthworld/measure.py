@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import random
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,42 +327,75 @@ def identity_information_gain(model: MoAModel, world: Path, prior: str, image_en
     pixels' error the right identity removes; 0 = the image is ignored), the standard error of
     shuffled - own over the paired per-sample differences, and ``by_timestep``: the same numbers for each
     quarter of the training timesteps, low noise first (where sampling would decide an attribute the
-    subject image does not reach, the gain of that quarter stays near 0).
+    subject image does not reach, the gain of that quarter stays near 0), and ``by_region``: the same
+    numbers on the subjects' head pixels (inside ``face_bbox``: face and hair) and on the rest of the
+    figure (an image path that carries the shirt but not the head's colours gains on "body" only).
     """
     data = FFHQWildDataModule(root=str(world), base_model=prior, image_encoder=image_encoder, resolution=IMAGE_SIZE,
                               batch_size=16, num_workers=0, seed=seed, subject_source=ReferenceRenders(),
-                              val_split=split, val_samples=samples)
-    errors = {"own": [], "shuffled": [], "none": []}
-    drawn_timesteps = []
+                              val_split=split, val_samples=samples, face_regions=True)
+    errors, drawn_timesteps = defaultdict(lambda: defaultdict(list)), []  # region -> condition -> (b,) errors
     for index, batch in enumerate(data.val_dataloader()):
-        generator = torch.Generator().manual_seed(seed * 100_003 + index)
         subject_features = model.encode_subjects(batch["subject_pixel_values"])
-        text = model.encode_text(batch["input_ids"])
         another = torch.roll(torch.arange(len(subject_features)), 1)
-        posterior = model.vae.encode(batch["pixel_values"]).latent_dist  # once per batch; each draw samples it
-        masks = latent_union_mask(batch["subject_masks"], posterior.mean.shape[-2:])
-        for _ in range(draws):
-            latents = posterior.sample(generator) * model.vae.config.scaling_factor
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
-            noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-            target = denoising_target(model.noise_scheduler, latents, noise, timesteps)
-            drawn_timesteps.append(timesteps)
-            for name, features, valid in (("own", subject_features, batch["subject_valid"]),
-                                          ("shuffled", subject_features[another], batch["subject_valid"]),
-                                          ("none", subject_features, torch.zeros_like(batch["subject_valid"]))):
-                moa = model.moa_inputs(text, timesteps=timesteps, subject_features=features,
-                                       subject_token_index=batch["subject_token_index"], subject_valid=valid)
-                prediction = model.unet(noisy, timesteps, text, cross_attention_kwargs={"moa": moa}).sample
-                squared = ((prediction - target) ** 2).mean(1, keepdim=True) * masks
-                errors[name].append(squared.flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1e-6))
-    errors = {name: torch.cat(values) for name, values in errors.items()}
+        conditions = {"own": (subject_features, batch["subject_valid"]),
+                      "shuffled": (subject_features[another], batch["subject_valid"]),
+                      "none": (subject_features, torch.zeros_like(batch["subject_valid"]))}
+        batch_errors, timesteps = subject_denoising_errors(
+            model, batch, conditions, torch.Generator().manual_seed(seed * 100_003 + index), draws)
+        drawn_timesteps.append(timesteps)
+        for region, by_condition in batch_errors.items():
+            for name, values in by_condition.items():
+                errors[region][name].append(values)
+    errors = {region: {name: torch.cat(values) for name, values in by_name.items()} for region, by_name in errors.items()}
     num_train_timesteps = model.noise_scheduler.config.num_train_timesteps
     quarter_of = torch.cat(drawn_timesteps) * 4 // num_train_timesteps  # 0 = lowest noise
     by_timestep = [{"timesteps": [q * num_train_timesteps // 4, (q + 1) * num_train_timesteps // 4],
-                    **_paired_gain({name: values[quarter_of == q] for name, values in errors.items()})}
+                    **_paired_gain({name: values[quarter_of == q] for name, values in errors["subject"].items()})}
                    for q in range(4) if (quarter_of == q).any()]
-    return {**_paired_gain(errors), "by_timestep": by_timestep}
+    return {**_paired_gain(errors["subject"]), "by_timestep": by_timestep,
+            "by_region": {region: _paired_gain(errors[region]) for region in ("head", "body")}}
+
+
+def subject_denoising_errors(model: MoAModel, batch: dict, conditions: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                             generator: torch.Generator, draws: int) -> tuple[dict, torch.Tensor]:
+    """The denoising error of one batch's subject pixels under each subject condition, on the same
+    latents, noise and timesteps (``draws`` draws from ``generator``).
+
+    conditions: name -> (subject features as ``model.encode_subjects`` gives them, (b, S) validity).
+    Returns {region ("subject", "head", "body", ``region_weights``): {name: (b * draws,) errors}} (the
+    mask-weighted MSE, as the masked loss) and the (b * draws,) timesteps drawn.
+    """
+    text = model.encode_text(batch["input_ids"])
+    posterior = model.vae.encode(batch["pixel_values"]).latent_dist  # once per batch; each draw samples it
+    weights = region_weights(batch["subject_masks"], batch["subject_face_masks"], posterior.mean.shape[-2:])
+    errors, drawn_timesteps = defaultdict(lambda: defaultdict(list)), []
+    for _ in range(draws):
+        latents = posterior.sample(generator) * model.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = denoising_target(model.noise_scheduler, latents, noise, timesteps)
+        drawn_timesteps.append(timesteps)
+        for name, (features, valid) in conditions.items():
+            moa = model.moa_inputs(text, timesteps=timesteps, subject_features=features,
+                                   subject_token_index=batch["subject_token_index"], subject_valid=valid)
+            prediction = model.unet(noisy, timesteps, text, cross_attention_kwargs={"moa": moa}).sample
+            squared = ((prediction - target) ** 2).mean(1, keepdim=True)
+            for region, weight in weights.items():
+                errors[region][name].append((squared * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1e-6))
+    return ({region: {name: torch.cat(values) for name, values in by_name.items()} for region, by_name in errors.items()},
+            torch.cat(drawn_timesteps))
+
+
+def region_weights(subject_masks: torch.Tensor, face_masks: torch.Tensor, size: tuple[int, int]) -> dict:
+    """Subject masks and their face parts (batch, subjects, H, W) -> latent pixel weights (batch, 1, h, w)
+    of the "subject" (all figures), its "head" pixels and the rest of the figure ("body"). A face mask
+    lies inside its figure's mask, and the union and the antialiased resize keep that order, so head +
+    body = subject, pixel for pixel."""
+    subject = latent_union_mask(subject_masks, size)
+    head = latent_union_mask(face_masks, size)
+    return {"subject": subject, "head": head, "body": (subject - head).clamp(min=0)}
 
 
 def _paired_gain(errors: dict) -> dict:

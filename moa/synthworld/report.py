@@ -90,7 +90,7 @@ def claims(results: dict) -> list[tuple[str, str, str, str]]:
                              f"{information['own']:.4f} vs {information['shuffled']:.4f} (no subject "
                              f"{information['none']:.4f}): {100 * information['gain']:.1f}% lower, "
                              f"+- {100 * information['difference_stderr'] / information['shuffled']:.1f}"
-                             + _gain_by_timestep(information),
+                             + _gain_by_timestep(information) + _gain_by_region(information),
                              "lower (> 2 standard errors)",
                              _yes(information["shuffled"] - information["own"] > 2 * information["difference_stderr"])))
         training = moa.get("training", {})
@@ -126,6 +126,16 @@ def _gain_by_timestep(information: dict) -> str:
     if not quarters:
         return ""
     return "; by timestep quarter, low noise first: " + " / ".join(f"{100 * q['gain']:.0f}" for q in quarters) + "%"
+
+
+def _gain_by_region(information: dict) -> str:
+    """'; head / rest of the figure: 12 +- 2 / 40 +- 2%', or '' for results written before it."""
+    regions = information.get("by_region")
+    if not regions:
+        return ""
+    return "; head / rest of the figure: " + " / ".join(
+        f"{100 * r['gain']:.0f} +- {100 * r['difference_stderr'] / r['shuffled']:.0f}"
+        for r in (regions["head"], regions["body"])) + "%"
 
 
 def write_report(out: Path, results: dict, timings: dict) -> None:
