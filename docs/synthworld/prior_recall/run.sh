@@ -112,3 +112,25 @@ python docs/synthworld/prior_recall/background_leak.py /tmp/p1k/prior /tmp/sw_pa
   docs/synthworld/prior_recall/many_people_6k/patch_tokens/background_leak_synth_moa_1000.json 8
 python docs/synthworld/prior_recall/background_leak.py /tmp/p1k/prior /tmp/sw_patch/world /tmp/sw_patch/synth_moa_patches/moa_weights \
   docs/synthworld/prior_recall/many_people_6k/patch_tokens/background_leak_synth_moa_patches.json 8
+# 17. Where held-out identity was lost (added 2026-12-07, third session) -> many_people_6k/where_identity_is_lost/
+#     (a) synth_moa_tokens4 at batch 32, 4000 steps from scratch, and its hair-colour confusion
+mkdir -p /tmp/sw_b32 && cp -r /tmp/sw_patch/{world,cache,judges_seed1} /tmp/sw_b32/
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_tokens4]' out=/tmp/sw_b32 \
+  'scale.stage_overrides=["trainer.max_steps=4000","data.batch_size=32","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
+python docs/synthworld/prior_recall/hair_confusion.py /tmp/p1k/prior /tmp/sw_b32/world \
+    /tmp/sw_b32/synth_moa_tokens4/moa_weights /tmp/sw_b32/hair_confusion.json 16
+#     (b) which reference attributes the trained denoiser uses, on head and body (judge-free, counterfactual)
+python docs/synthworld/prior_recall/attribute_use.py /tmp/p1k/prior /tmp/sw_patch/world /tmp/attribute_use \
+  synth_moa_1000=/tmp/sw_patch/synth_moa/moa_weights \
+  synth_moa_tokens4_batch32_4000=/tmp/sw_b32/synth_moa_tokens4/moa_weights
+#     (c) after commit 615582d (the pipeline encodes the training crop): the same weights evaluated again, with the
+#     claims' synth_no_moa baseline trained (1000 steps), then the hair confusion and subject guidance 10
+mkdir -p /tmp/sw_fix && cp -r /tmp/sw_patch/{world,cache,judges_seed1,synth_moa,synth_moa_patches} /tmp/sw_fix/ \
+  && cp -r /tmp/sw_b32/synth_moa_tokens4 /tmp/sw_fix/
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed \
+  'variants=[synth_moa,synth_no_moa,synth_moa_tokens4,synth_moa_patches]' out=/tmp/sw_fix
+python docs/synthworld/prior_recall/hair_confusion.py /tmp/p1k/prior /tmp/sw_fix/world \
+    /tmp/sw_fix/synth_moa_tokens4/moa_weights /tmp/sw_fix/hair_confusion_tokens4.json 16
+mkdir -p /tmp/sw_fix_sg && cp -r /tmp/sw_fix/{world,cache,judges_seed1,synth_moa_tokens4} /tmp/sw_fix_sg/
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_tokens4]' out=/tmp/sw_fix_sg \
+  eval.subject_guidance_scale=10
