@@ -134,3 +134,15 @@ python docs/synthworld/prior_recall/hair_confusion.py /tmp/p1k/prior /tmp/sw_fix
 mkdir -p /tmp/sw_fix_sg && cp -r /tmp/sw_fix/{world,cache,judges_seed1,synth_moa_tokens4} /tmp/sw_fix_sg/
 python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_tokens4]' out=/tmp/sw_fix_sg \
   eval.subject_guidance_scale=10
+# 18. Every claim on this prior with the training crop, at 1x and 8x the evaluation, and four tokens at one token's
+#     recipe (added 2026-12-07, fifth session) -> many_people_6k/claims_8x/ (its README has the wall times)
+train_prior 1024 6000 /tmp/p1k
+#     (as it ran, /tmp/sw_all first got world/ and judges_seed1/ of a prior=committed run: the same world, saves ~2 min)
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed out=/tmp/sw_all
+mkdir -p /tmp/sw_tok1k && cp -r /tmp/sw_all/{world,cache,judges_seed1} /tmp/sw_tok1k/
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_tokens4]' out=/tmp/sw_tok1k
+mkdir -p /tmp/sw_all_8x && cp -r /tmp/sw_all/{world,cache} /tmp/sw_all_8x/
+for v in synth_moa synth_no_moa synth_no_spacetime; do mkdir -p /tmp/sw_all_8x/$v && cp -r /tmp/sw_all/$v/{moa_weights,csv} /tmp/sw_all_8x/$v/; done
+mkdir -p /tmp/sw_all_8x/synth_moa_tokens4 && cp -r /tmp/sw_tok1k/synth_moa_tokens4/{moa_weights,csv} /tmp/sw_all_8x/synth_moa_tokens4/
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa,synth_no_spacetime,synth_moa_tokens4]' \
+  out=/tmp/sw_all_8x eval.contexts=16 eval.seeds=4 eval.spread_judge_seed=null
