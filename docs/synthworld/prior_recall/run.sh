@@ -146,3 +146,9 @@ for v in synth_moa synth_no_moa synth_no_spacetime; do mkdir -p /tmp/sw_all_8x/$
 mkdir -p /tmp/sw_all_8x/synth_moa_tokens4 && cp -r /tmp/sw_tok1k/synth_moa_tokens4/{moa_weights,csv} /tmp/sw_all_8x/synth_moa_tokens4/
 python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa,synth_no_spacetime,synth_moa_tokens4]' \
   out=/tmp/sw_all_8x eval.contexts=16 eval.seeds=4 eval.spread_judge_seed=null
+# 19. One token (synth_moa) at the four-token run's recipe, 4000 steps at batch 32 (added 2026-12-07, fifth session),
+#     with step 18's 1000-step synth_no_moa copied in as the claims' baseline -> many_people_6k/claims_8x/*_b32_4000.*
+mkdir -p /tmp/sw_b32_1tok && cp -r /tmp/sw_all/{world,cache,judges_seed1} /tmp/sw_b32_1tok/
+mkdir -p /tmp/sw_b32_1tok/synth_no_moa && cp -r /tmp/sw_all/synth_no_moa/{moa_weights,csv} /tmp/sw_b32_1tok/synth_no_moa/
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=/tmp/sw_b32_1tok \
+  'scale.stage_overrides=["trainer.max_steps=4000","data.batch_size=32","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
