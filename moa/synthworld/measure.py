@@ -108,12 +108,15 @@ def generate_prior(pipe, words, contexts, seeds, cfg) -> dict:
             for word in words for c in range(len(contexts)) for seed in seeds}
 
 
-def generate_subjects(pipe, subjects, contexts, seeds, cfg) -> tuple[dict, dict]:
+def generate_subjects(pipe, subjects, contexts, seeds, cfg, before_batch=None) -> tuple[dict, dict]:
     """Every subject of each word in every (context, seed) prompt: ({(word, i, c, seed): (3, H, W)},
-    the router maps and caption of the first batch)."""
+    the router maps and caption of the first batch). ``before_batch((word, c, seed))``, when given, runs
+    before each batch (a diagnostic that changes the model per prompt hooks in there)."""
     images, router = {}, {}
     jobs = [(word, c, seed) for word in subjects for c in range(len(contexts)) for seed in seeds]
     for word, c, seed in tqdm(jobs, desc="generating", leave=False):
+        if before_batch is not None:
+            before_batch((word, c, seed))
         caption, _ = compose_caption([word], contexts[c])
         people = subjects[word]
         subject_lists = [[Subject(s.reference, word, mask=_load_mask(s.reference_mask))] for s in people]

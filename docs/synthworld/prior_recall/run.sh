@@ -152,3 +152,27 @@ mkdir -p /tmp/sw_b32_1tok && cp -r /tmp/sw_all/{world,cache,judges_seed1} /tmp/s
 mkdir -p /tmp/sw_b32_1tok/synth_no_moa && cp -r /tmp/sw_all/synth_no_moa/{moa_weights,csv} /tmp/sw_b32_1tok/synth_no_moa/
 python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=/tmp/sw_b32_1tok \
   'scale.stage_overrides=["trainer.max_steps=4000","data.batch_size=32","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
+# 20. Would separating routers bring disentanglement? (added 2026-12-07, sixth session) step 18's and 19's trained
+#     weights, their routing replaced at inference by oracle ones, at 8x the evaluation -> many_people_6k/routing_oracle/
+#     (38 min; run before the per-layer router table was added to the script, so its JSON lacks router_per_layer)
+python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_all/world \
+  --out docs/synthworld/prior_recall/many_people_6k/routing_oracle --contexts 16 --seeds 4 \
+  --no-moa /tmp/sw_all/synth_no_moa/moa_weights --modes learned sharpened background_to_prior oracle_split \
+  --weights synth_moa_1000=/tmp/sw_all/synth_moa/moa_weights synth_moa_b32_4000=/tmp/sw_b32_1tok/synth_moa/moa_weights
+# 21. The router loss on every layer (added 2026-12-07, sixth session): synth_moa with the layer set L of both losses
+#     widened to all 16 blocks (the paper skips the first 2 and last 3), 1000 steps, with step 18's synth_no_moa as
+#     the baseline (12.0 min: 8.0 stage 2, 3.9 evaluation) -> many_people_6k/routing_oracle/results_all_layers_loss.*
+mkdir -p /tmp/sw_allL/synth_no_moa && cp -r /tmp/sw_all/{world,cache,judges_seed1} /tmp/sw_allL/ \
+  && cp -r /tmp/sw_all/synth_no_moa/{moa_weights,csv} /tmp/sw_allL/synth_no_moa/
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=/tmp/sw_allL \
+  'scale.stage_overrides=["model.net.moa_config.loss_skip_first_blocks=0","model.net.moa_config.loss_skip_last_blocks=0"]'
+# 22. Which layers' routers leak (per-layer prior weight, the oracle in or outside L), and step 21's weights at 8x
+python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_all/world \
+  --out docs/synthworld/prior_recall/many_people_6k/routing_oracle --contexts 16 --seeds 4 \
+  --no-moa /tmp/sw_all/synth_no_moa/moa_weights --tag _layers \
+  --modes learned background_to_prior_in_loss_layers background_to_prior_outside_loss_layers \
+  --weights synth_moa_1000=/tmp/sw_all/synth_moa/moa_weights
+python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_all/world \
+  --out docs/synthworld/prior_recall/many_people_6k/routing_oracle --contexts 16 --seeds 4 \
+  --no-moa /tmp/sw_all/synth_no_moa/moa_weights --tag _all_layers_loss --modes learned background_to_prior \
+  --weights synth_moa_all_layers_loss=/tmp/sw_allL/synth_moa/moa_weights
