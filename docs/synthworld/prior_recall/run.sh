@@ -185,3 +185,12 @@ python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --w
   --out docs/synthworld/prior_recall/many_people_6k/routing_oracle --contexts 16 --seeds 4 \
   --no-moa /tmp/sw_all/synth_no_moa/moa_weights --tag _all_layers_loss_x10 --modes learned \
   --weights synth_moa_all_layers_loss_x10=/tmp/sw_allL10/synth_moa/moa_weights
+# 24. Step 21 with the router loss 100x the paper's (lambda_r 1e-2), then at 8x (12.0 min + 7.8 min)
+mkdir -p /tmp/sw_allL100/synth_no_moa && cp -r /tmp/sw_all/{world,cache,judges_seed1} /tmp/sw_allL100/ \
+  && cp -r /tmp/sw_all/synth_no_moa/{moa_weights,csv} /tmp/sw_allL100/synth_no_moa/
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=/tmp/sw_allL100 \
+  'scale.stage_overrides=["model.net.moa_config.loss_skip_first_blocks=0","model.net.moa_config.loss_skip_last_blocks=0","model.lambda_router=1.0e-2"]'
+python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_all/world \
+  --out docs/synthworld/prior_recall/many_people_6k/routing_oracle --contexts 16 --seeds 4 \
+  --no-moa /tmp/sw_all/synth_no_moa/moa_weights --tag _all_layers_loss_x100 --modes learned \
+  --weights synth_moa_all_layers_loss_x100=/tmp/sw_allL100/synth_moa/moa_weights
