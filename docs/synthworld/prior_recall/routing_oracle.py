@@ -160,10 +160,13 @@ def main(prior: str, world: str, out: str, contexts: int, seeds: int, no_moa: st
          modes: list[str], tag: str) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="synthworld", overrides=[f"eval.contexts={contexts}", f"eval.seeds={seeds}"])
+    malformed = [item for item in named if "=" not in item]
+    if malformed:
+        raise ValueError(f"--weights expects NAME=WEIGHTS_FOLDER items, got {malformed}")
     weights = dict(item.split("=", 1) for item in named)
-    for name, path in {"no_moa": no_moa, **weights}.items():
+    for option, path in {"--no-moa": no_moa, **{f"--weights {name}": path for name, path in weights.items()}}.items():
         if not (Path(path) / "moa.safetensors").is_file():
-            raise FileNotFoundError(f"--weights {name}: no moa.safetensors in {path}")
+            raise FileNotFoundError(f"{option}: no moa.safetensors in {path}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     subjects = pick_subjects(Path(world), cfg.eval.subjects_per_word)
