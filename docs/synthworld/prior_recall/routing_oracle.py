@@ -41,6 +41,7 @@ from torch import nn
 from torchvision.utils import save_image
 
 from moa.config import CONFIG_DIR, asset
+from moa.evaluation.metrics import Disentanglement
 from moa.inference.pipeline import MoAPipeline, scheduler_from_name
 from moa.models.attention import MoAAttnProcessor
 from moa.models.model import MoAModel
@@ -106,8 +107,9 @@ def swap_changes(images: dict, subjects, judges, dilation: int) -> dict:
     for (word, i, c, seed), image in images.items():
         other = images[(word, (i + 1) % len(subjects[word]), c, seed)]
         region = dilate(torch.maximum(judges.person_masks(image[None]), judges.person_masks(other[None])), dilation)
-        outside = (1 - region).expand(1, 3, -1, -1)
-        changes[(word, i, c, seed)] = ((image - other).abs()[None] * outside).sum() / outside.sum().clamp(min=1)
+        pair = Disentanglement()  # the report's swap metric, one pair at a time for the bootstrap
+        pair.update(image[None], other[None], region)
+        changes[(word, i, c, seed)] = pair.compute()["mae_outside"]
     return changes
 
 
@@ -222,7 +224,7 @@ def main(prior: str, world: str, out: str, contexts: int, seeds: int, no_moa: st
     (out_dir / f"routing_oracle{tag}.json").write_text(json.dumps(results, indent=1) + "\n")
     rows = [torch.stack([a, b, ((a - b).abs() * 4).clamp(0, 1)]) for _, a, b in shown]
     save_image(F.interpolate(torch.cat(rows), scale_factor=2, mode="nearest"), out_dir / f"routing_oracle{tag}.png", nrow=3, padding=2, pad_value=1.0)
-    if any("learned" in runs for name, runs in results.items() if name not in ("protocol", "no_moa")):
+    if "learned" in modes:
         plot_router_layers(results, out_dir / f"routing_oracle{tag}_router_layers.png")
     log.info("rows of routing_oracle%s.png: %s", tag, [label for label, _, _ in shown])
 

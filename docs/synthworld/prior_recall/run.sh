@@ -152,45 +152,38 @@ mkdir -p /tmp/sw_b32_1tok && cp -r /tmp/sw_all/{world,cache,judges_seed1} /tmp/s
 mkdir -p /tmp/sw_b32_1tok/synth_no_moa && cp -r /tmp/sw_all/synth_no_moa/{moa_weights,csv} /tmp/sw_b32_1tok/synth_no_moa/
 python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=/tmp/sw_b32_1tok \
   'scale.stage_overrides=["trainer.max_steps=4000","data.batch_size=32","trainer.val_check_interval=500","callbacks.samples.every_n_steps=500"]'
+# routing_oracle TAG [ARGS...]: routing_oracle.py at 8x the evaluation on step 18's world, prior and no_moa, into
+# many_people_6k/routing_oracle/routing_oracle{TAG}.* (ARGS: --modes ..., --weights NAME=DIR ...).
+routing_oracle() {
+    python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_all/world \
+        --out docs/synthworld/prior_recall/many_people_6k/routing_oracle --contexts 16 --seeds 4 \
+        --no-moa /tmp/sw_all/synth_no_moa/moa_weights --tag "$1" "${@:2}"
+}
+# all_layers_loss DIR LAMBDA_ROUTER: synth_moa with the layer set L of both losses widened to all 16 blocks (the paper
+# skips the first 2 and last 3), 1000 steps, router loss weight LAMBDA_ROUTER, step 18's world, cache, second judge
+# and synth_no_moa copied in as the baseline; evaluated at 1x into DIR/results.*
+all_layers_loss() {
+    mkdir -p $1/synth_no_moa && cp -r /tmp/sw_all/{world,cache,judges_seed1} $1/ \
+        && cp -r /tmp/sw_all/synth_no_moa/{moa_weights,csv} $1/synth_no_moa/
+    python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=$1 \
+        "scale.stage_overrides=[\"model.net.moa_config.loss_skip_first_blocks=0\",\"model.net.moa_config.loss_skip_last_blocks=0\",\"model.lambda_router=$2\"]"
+}
 # 20. Would separating routers bring disentanglement? (added 2026-12-07, sixth session) step 18's and 19's trained
 #     weights, their routing replaced at inference by oracle ones, at 8x the evaluation -> many_people_6k/routing_oracle/
 #     (38 min; run before the per-layer router table was added to the script, so its JSON lacks router_per_layer)
-python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_all/world \
-  --out docs/synthworld/prior_recall/many_people_6k/routing_oracle --contexts 16 --seeds 4 \
-  --no-moa /tmp/sw_all/synth_no_moa/moa_weights --modes learned sharpened background_to_prior oracle_split \
+routing_oracle "" --modes learned sharpened background_to_prior oracle_split \
   --weights synth_moa_1000=/tmp/sw_all/synth_moa/moa_weights synth_moa_b32_4000=/tmp/sw_b32_1tok/synth_moa/moa_weights
-# 21. The router loss on every layer (added 2026-12-07, sixth session): synth_moa with the layer set L of both losses
-#     widened to all 16 blocks (the paper skips the first 2 and last 3), 1000 steps, with step 18's synth_no_moa as
-#     the baseline (12.0 min: 8.0 stage 2, 3.9 evaluation) -> many_people_6k/routing_oracle/results_all_layers_loss.*
-mkdir -p /tmp/sw_allL/synth_no_moa && cp -r /tmp/sw_all/{world,cache,judges_seed1} /tmp/sw_allL/ \
-  && cp -r /tmp/sw_all/synth_no_moa/{moa_weights,csv} /tmp/sw_allL/synth_no_moa/
-python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=/tmp/sw_allL \
-  'scale.stage_overrides=["model.net.moa_config.loss_skip_first_blocks=0","model.net.moa_config.loss_skip_last_blocks=0"]'
+# 21. The router loss on every layer, the paper's weight (12.0 min: 8.0 stage 2, 3.9 evaluation; as it ran, without
+#     the lambda_router override, which equals the default 1e-4) -> many_people_6k/routing_oracle/results_all_layers_loss.*
+all_layers_loss /tmp/sw_allL 1.0e-4
 # 22. Which layers' routers leak (per-layer prior weight, the oracle in or outside L), and step 21's weights at 8x
-python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_all/world \
-  --out docs/synthworld/prior_recall/many_people_6k/routing_oracle --contexts 16 --seeds 4 \
-  --no-moa /tmp/sw_all/synth_no_moa/moa_weights --tag _layers \
-  --modes learned background_to_prior_in_loss_layers background_to_prior_outside_loss_layers \
+routing_oracle _layers --modes learned background_to_prior_in_loss_layers background_to_prior_outside_loss_layers \
   --weights synth_moa_1000=/tmp/sw_all/synth_moa/moa_weights
-python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_all/world \
-  --out docs/synthworld/prior_recall/many_people_6k/routing_oracle --contexts 16 --seeds 4 \
-  --no-moa /tmp/sw_all/synth_no_moa/moa_weights --tag _all_layers_loss --modes learned background_to_prior \
+routing_oracle _all_layers_loss --modes learned background_to_prior \
   --weights synth_moa_all_layers_loss=/tmp/sw_allL/synth_moa/moa_weights
-# 23. Step 21 with the router loss 10x the paper's (lambda_r 1e-3), then at 8x (12.0 min + 9.7 min)
-mkdir -p /tmp/sw_allL10/synth_no_moa && cp -r /tmp/sw_all/{world,cache,judges_seed1} /tmp/sw_allL10/ \
-  && cp -r /tmp/sw_all/synth_no_moa/{moa_weights,csv} /tmp/sw_allL10/synth_no_moa/
-python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=/tmp/sw_allL10 \
-  'scale.stage_overrides=["model.net.moa_config.loss_skip_first_blocks=0","model.net.moa_config.loss_skip_last_blocks=0","model.lambda_router=1.0e-3"]'
-python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_all/world \
-  --out docs/synthworld/prior_recall/many_people_6k/routing_oracle --contexts 16 --seeds 4 \
-  --no-moa /tmp/sw_all/synth_no_moa/moa_weights --tag _all_layers_loss_x10 --modes learned \
-  --weights synth_moa_all_layers_loss_x10=/tmp/sw_allL10/synth_moa/moa_weights
-# 24. Step 21 with the router loss 100x the paper's (lambda_r 1e-2), then at 8x (12.0 min + 7.8 min)
-mkdir -p /tmp/sw_allL100/synth_no_moa && cp -r /tmp/sw_all/{world,cache,judges_seed1} /tmp/sw_allL100/ \
-  && cp -r /tmp/sw_all/synth_no_moa/{moa_weights,csv} /tmp/sw_allL100/synth_no_moa/
-python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa,synth_no_moa]' out=/tmp/sw_allL100 \
-  'scale.stage_overrides=["model.net.moa_config.loss_skip_first_blocks=0","model.net.moa_config.loss_skip_last_blocks=0","model.lambda_router=1.0e-2"]'
-python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_all/world \
-  --out docs/synthworld/prior_recall/many_people_6k/routing_oracle --contexts 16 --seeds 4 \
-  --no-moa /tmp/sw_all/synth_no_moa/moa_weights --tag _all_layers_loss_x100 --modes learned \
-  --weights synth_moa_all_layers_loss_x100=/tmp/sw_allL100/synth_moa/moa_weights
+# 23. Step 21 with the router loss 10x the paper's, then at 8x (12.0 min + 8.1 min)
+all_layers_loss /tmp/sw_allL10 1.0e-3
+routing_oracle _all_layers_loss_x10 --modes learned --weights synth_moa_all_layers_loss_x10=/tmp/sw_allL10/synth_moa/moa_weights
+# 24. Step 21 with the router loss 100x the paper's, then at 8x (12.0 min + 7.8 min)
+all_layers_loss /tmp/sw_allL100 1.0e-2
+routing_oracle _all_layers_loss_x100 --modes learned --weights synth_moa_all_layers_loss_x100=/tmp/sw_allL100/synth_moa/moa_weights
