@@ -5,7 +5,13 @@ import torch
 from diffusers import DDPMScheduler
 
 from moa.models.inputs import pixel_map_to_grid
-from moa.models.losses import MaskedDenoisingLoss, ObjectLocalizationLoss, RouterLoss, min_snr_weights
+from moa.models.losses import (
+    BackgroundInfluenceLoss,
+    MaskedDenoisingLoss,
+    ObjectLocalizationLoss,
+    RouterLoss,
+    min_snr_weights,
+)
 
 
 def test_masked_loss_counts_foreground_only_and_normalises_by_area():
@@ -75,6 +81,19 @@ def test_router_loss_foreground_weight_pulls_subject_pixels_to_the_personalized_
     assert paper.item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="router_loss_foreground_weight"):
         RouterLoss(foreground_weight=-1.0)
+
+
+def test_background_influence_loss_sums_background_energy_per_image_over_the_layer_mean():
+    foreground = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])  # image 2: all subject
+    low = torch.tensor([[4.0], [5.0]])  # a 1x1 layer: its energy spread over the 2x2 latents
+    high = torch.tensor([[8.0, 2.0, 0.0, 6.0], [7.0, 7.0, 7.0, 7.0]])
+    loss, mean_map = BackgroundInfluenceLoss()({"low": low, "high": high}, foreground)
+    # image 1, layer mean (4 + high) / 2 = 6, 3, 2, 5 -> background 3 + 2 + 5; image 2 has no background
+    assert torch.allclose(mean_map[0].flatten(), torch.tensor([6.0, 3.0, 2.0, 5.0]))
+    assert loss.item() == pytest.approx((10.0 + 0.0) / 2)
+    # the subject's own pixels are free
+    high[0, 0] = 100.0
+    assert BackgroundInfluenceLoss()({"low": low, "high": high}, foreground)[0].item() == pytest.approx(5.0)
 
 
 def test_object_loss_is_background_mean_minus_foreground_mean_over_valid_subjects():

@@ -305,7 +305,7 @@ def test_moa_layer_equals_eq_6_7_written_out_in_value_and_gradient(cross, first_
     token_index = torch.tensor([[1, 4], [2, 5]])
     moa = MoAInputs(personalized_condition=condition, subject_token_index=token_index,
                     record_attention_layers=frozenset({"layer"}) if cross else frozenset(),
-                    record_router_layers=frozenset({"layer"}))
+                    record_router_layers=frozenset({"layer"}), record_influence_layers=frozenset({"layer"}))
     out = host(hidden, encoder_hidden_states=text if cross else None, moa=moa)
 
     expert = processor.expert
@@ -317,12 +317,15 @@ def test_moa_layer_equals_eq_6_7_written_out_in_value_and_gradient(cross, first_
     expected = router[..., :1] * prior + router[..., 1:] * personalized
     assert torch.allclose(out, expected, atol=1e-10)
     assert torch.allclose(moa.router_maps["layer"], router[..., 0], atol=1e-12)
+    # the personalized expert's whole effect on the output, relative to the prior output's mean energy
+    influence = (router[..., 1:] * (personalized - prior)).pow(2).mean(-1) / prior.detach().pow(2).mean(dim=(1, 2))[:, None]
+    assert torch.allclose(moa.influence_maps["layer"], influence, atol=1e-12)
     with torch.no_grad():  # sampling: the projections sharing an input are fused into one matmul
         sampled = host(hidden, encoder_hidden_states=text if cross else None,
                        moa=MoAInputs(personalized_condition=condition))
     assert torch.allclose(sampled, expected, atol=1e-10)
-    probes = [torch.randn_like(out)]
-    outputs, references = [out], [expected]
+    probes = [torch.randn_like(out), torch.randn_like(influence)]
+    outputs, references = [out, moa.influence_maps["layer"]], [expected, influence]
     if cross:
         expected_maps = torch.gather(probs, 2, token_index[:, None, :].expand(-1, pixels, -1))
         assert torch.allclose(moa.subject_attention["layer"], expected_maps, atol=1e-12)

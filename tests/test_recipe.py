@@ -53,6 +53,29 @@ def test_dropped_subjects_become_router_background_and_leave_the_object_loss(com
         assert validation["router_prior_weight_foreground"] > 0
 
 
+def test_background_influence_term_adds_its_weighted_loss_and_trains_layers_outside_the_router_loss(compose_cfg):
+    module, batch, _ = module_and_batch(compose_cfg, "model.condition_dropout=0", "model.lambda_background_influence=0.5")
+    outside = [name for name in module.influence_layers if name not in module.loss_layers]
+    assert outside and module.loss_layers < module.influence_layers, "every MoA layer, beyond the router loss's L"
+    losses, stats = module.compute_losses(batch, torch.Generator().manual_seed(0))
+    expected = (losses["masked"] + module.lambda_router * losses["router"] + module.lambda_object * losses["object"]
+                + 0.5 * losses["background_influence"])
+    assert losses["background_influence"] > 0
+    torch.testing.assert_close(losses["loss"], expected)
+    assert stats["personalized_influence_background"] > 0
+    # its gradient reaches a cross-attention expert of a block the router and object losses skip
+    cross_outside = next(n for n in sorted(outside) if "attn2" in n)
+    expert = dict(module.model.named_parameters())
+    key = next(k for k in expert if f"{cross_outside}." in k and "expert.v_proj" in k)
+    gradient = torch.autograd.grad(losses["background_influence"], expert[key])[0]
+    assert gradient.abs().sum() > 0, key
+    no_prior_branch = ("model.lambda_background_influence=0.5", "model.net.moa_config.variant=no_moa")
+    with pytest.raises(ConfigError, match=r"lambda_background_influence=0.5 .*variant=no_moa has not"):
+        preflight(compose_cfg(*no_prior_branch))
+    with pytest.raises(hydra.errors.InstantiationException, match=r"needs .*variant=moa, not 'no_moa'"):
+        module_and_batch(compose_cfg, *no_prior_branch)
+
+
 def test_min_snr_weighting_reweights_by_timestep_and_is_exact_at_infinite_gamma(compose_cfg):
     module, batch, _ = module_and_batch(compose_cfg)
     plain, _ = module.compute_losses(batch, torch.Generator().manual_seed(0))

@@ -68,6 +68,22 @@ def subject_attention_maps(query: torch.Tensor, key: torch.Tensor, token_index: 
     return torch.gather(mean_probs, 2, token_index[:, None, :].expand(-1, mean_probs.shape[1], -1))
 
 
+def personalized_influence(personalized_weight: torch.Tensor, personalized: torch.Tensor,
+                           prior: torch.Tensor) -> torch.Tensor:
+    """How much the personalized expert changes a MoA layer's output, per pixel, (batch, pixels).
+
+    The layer's output is ``prior + R1 * (personalized - prior)``, so ``R1 * (personalized - prior)``
+    is the whole of the personalized expert's effect: a router weight alone is not (a pixel may be
+    routed to an expert that agrees with the prior). Its energy per channel is divided by the mean
+    energy of the prior's output over the image (held constant in backward), so layers of different
+    widths and scales count alike. personalized_weight (batch, pixels, 1); outputs (batch, pixels, dim).
+    """
+    dtype = torch.promote_types(prior.dtype, torch.float32)  # half-precision squares lose the small changes
+    change = (personalized_weight * (personalized - prior)).to(dtype).pow(2).mean(dim=-1)
+    scale = prior.detach().to(dtype).pow(2).mean(dim=(1, 2)).clamp(min=1e-12)
+    return change / scale[:, None]
+
+
 class Router(nn.Module):
     """Per-pixel soft choice between the prior (index 0) and personalized (index 1) experts.
 
@@ -208,6 +224,8 @@ class MoAAttnProcessor(nn.Module):
         weights = self.router(hidden_states)
         if self.name in moa.record_router_layers:
             moa.router_maps[self.name] = weights[..., 0]
+        if self.name in moa.record_influence_layers:
+            moa.influence_maps[self.name] = personalized_influence(weights[..., 1:], personalized, prior)
         return weights[..., :1] * prior + weights[..., 1:] * personalized
 
     def _can_stack(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,

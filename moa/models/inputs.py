@@ -29,9 +29,13 @@ class MoAInputs:
         record_router_layers: processor names whose prior weight map ``R0`` is stored.
         record_attention_layers: cross-attention processor names whose personalized attention maps
             at the subject tokens are stored (recomputed beside the fused SDPA kernel).
+        record_influence_layers: processor names whose personalized influence map is stored.
         prior_only: run every layer as the original model (no subject, no personalized expert).
         router_maps: filled by processors: name -> (batch, pixels) prior weight ``R0``.
         subject_attention: filled by processors: name -> (batch, pixels, subjects).
+        influence_maps: filled by processors: name -> (batch, pixels) energy of what the personalized
+            expert changes in the layer's output, ``mean_c (R1 * (pers - prior))^2``, relative to the
+            mean energy of the prior's output (see ``personalized_influence``).
     """
 
     personalized_condition: torch.Tensor | None = None
@@ -39,9 +43,11 @@ class MoAInputs:
     subject_token_index: torch.Tensor | None = None
     record_router_layers: frozenset[str] = frozenset()
     record_attention_layers: frozenset[str] = frozenset()
+    record_influence_layers: frozenset[str] = frozenset()
     prior_only: bool = False
     router_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     subject_attention: dict[str, torch.Tensor] = field(default_factory=dict)
+    influence_maps: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.prior_only and self.personalized_condition is None:

@@ -1,4 +1,5 @@
-"""MoA's training losses (paper eq. 9-12): ``L_masked + lambda_r * L_router + lambda_o * L_object``."""
+"""MoA's training losses (paper eq. 9-12): ``L_masked + lambda_r * L_router + lambda_o * L_object``, and our
+optional ``BackgroundInfluenceLoss`` (not the paper's)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,23 @@ class MaskedDenoisingLoss(nn.Module):
 ROUTER_LOSS_REDUCTIONS = ("sum_per_image", "mean")
 
 
+def mean_over_layers(layer_maps: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Per-layer pixel maps name -> (batch, pixels), each resized (bilinear) to ``size`` = (h, w) of
+    the latents, then averaged over layers -> (batch, 1, h, w)."""
+    height, width = size
+    return torch.stack([
+        F.interpolate(pixel_map_to_grid(m.float(), height, width), size=(height, width), mode="bilinear",
+                      align_corners=False)
+        for m in layer_maps.values()
+    ]).mean(dim=0)
+
+
+def reduce_pixels(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    """(batch, 1, h, w) -> scalar: ``"sum_per_image"`` sums each image's pixels then averages over the
+    batch; ``"mean"`` averages every pixel of the batch."""
+    return values.flatten(1).sum(1).mean() if reduction == "sum_per_image" else values.mean()
+
+
 class RouterLoss(nn.Module):
     """``|| (1 - M) * (1 - R0_bar) ||^2``: background pixels should use the prior expert.
 
@@ -81,17 +99,36 @@ class RouterLoss(nn.Module):
     def forward(self, router_maps: dict[str, torch.Tensor], foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """router_maps: name -> (batch, pixels) prior weight; foreground (batch, 1, h, w).
         Returns the loss and ``R0_bar`` (batch, 1, h, w)."""
-        height, width = foreground.shape[-2:]
-        prior_weight = torch.stack([
-            F.interpolate(pixel_map_to_grid(m.float(), height, width), size=(height, width), mode="bilinear",
-                          align_corners=False)
-            for m in router_maps.values()
-        ]).mean(dim=0)
+        prior_weight = mean_over_layers(router_maps, foreground.shape[-2:])
         squared = ((1.0 - foreground) * (1.0 - prior_weight)).pow(2)
         if self.foreground_weight:
             squared = squared + self.foreground_weight * (foreground * prior_weight).pow(2)
-        loss = squared.flatten(1).sum(1).mean() if self.reduction == "sum_per_image" else squared.mean()
-        return loss, prior_weight
+        return reduce_pixels(squared, self.reduction), prior_weight
+
+
+class BackgroundInfluenceLoss(nn.Module):
+    """``sum_pixels (1 - M) * I_bar``: the energy of what the personalized expert changes on the background.
+
+    ``I_bar`` is the mean over the recorded layers of each layer's ``personalized_influence`` map
+    (``R1 * (pers - prior)``, its energy relative to the prior's output), resized (bilinear) to the
+    latent resolution; summed over an image's background pixels, then averaged over the batch.
+
+    Our lever, not the paper's (``model.lambda_background_influence``, default 0). The router loss
+    pushes the router *weight* of background pixels to the prior, but a weight is not influence: an
+    expert that differs little from the prior may keep a large weight harmlessly, and one that differs
+    much leaks the subject's identity into the scene through a small weight. In SynthWorld, background
+    pixels routed wholly to the prior at inference halve what a subject swap changes outside the
+    subject, while every router-loss weight tried left it at 0.55-0.67x no_moa
+    (``docs/synthworld/prior_recall/many_people_6k/routing_oracle/``). This penalises the change itself,
+    in every layer, through both the router and the personalized expert.
+    """
+
+    def forward(self, influence_maps: dict[str, torch.Tensor], foreground: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """influence_maps: name -> (batch, pixels); foreground (batch, 1, h, w).
+        Returns the loss and ``I_bar`` (batch, 1, h, w)."""
+        influence = mean_over_layers(influence_maps, foreground.shape[-2:])
+        return reduce_pixels((1.0 - foreground) * influence, "sum_per_image"), influence
 
 
 class ObjectLocalizationLoss(nn.Module):

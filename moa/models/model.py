@@ -253,7 +253,8 @@ class MoAModel(nn.Module):
     def moa_inputs(self, text_embeddings: torch.Tensor, *, timesteps: torch.Tensor,
                    subject_features: torch.Tensor | None = None, subject_token_index: torch.Tensor | None = None,
                    subject_valid: torch.Tensor | None = None, record_router_layers: frozenset[str] = frozenset(),
-                   record_attention_layers: frozenset[str] = frozenset()) -> MoAInputs:
+                   record_attention_layers: frozenset[str] = frozenset(),
+                   record_influence_layers: frozenset[str] = frozenset()) -> MoAInputs:
         """Build the per-forward MoA inputs.
 
         text_embeddings (batch, tokens, text_dim); timesteps (batch,); subject_features
@@ -262,7 +263,8 @@ class MoAModel(nn.Module):
         """
         if subject_features is None or subject_features.shape[1] == 0:
             return MoAInputs(personalized_condition=text_embeddings[:, None],
-                             record_router_layers=record_router_layers)
+                             record_router_layers=record_router_layers,
+                             record_influence_layers=record_influence_layers)
         words = torch.gather(
             text_embeddings, 1, subject_token_index[..., None].expand(-1, -1, text_embeddings.shape[-1])
         )
@@ -271,4 +273,5 @@ class MoAModel(nn.Module):
                                                subject_token_index, subject_valid)
         return MoAInputs(personalized_condition=condition, personalized_key_mask=key_mask,
                          subject_token_index=subject_token_index,
-                         record_router_layers=record_router_layers, record_attention_layers=record_attention_layers)
+                         record_router_layers=record_router_layers, record_attention_layers=record_attention_layers,
+                         record_influence_layers=record_influence_layers)

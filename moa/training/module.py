@@ -16,6 +16,7 @@ from diffusers.training_utils import EMAModel
 
 from moa.data.transforms import empty_caption_ids
 from moa.models.losses import (
+    BackgroundInfluenceLoss,
     MaskedDenoisingLoss,
     ObjectLocalizationLoss,
     RouterLoss,
@@ -24,12 +25,17 @@ from moa.models.losses import (
     min_snr_weights,
 )
 from moa.models.model import MoAModel
-from moa.models.unet import loss_layer_names
+from moa.models.unet import loss_layer_names, moa_processors
 from moa.seeding import derived_seed, step_generator
 
 log = logging.getLogger(__name__)
 
 FROZEN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` weighted by ``weights`` in [0, 1] (same shape), 0 where the weights are all 0."""
+    return (values * weights).sum() / weights.sum().clamp(min=1e-6)
 
 
 class MoALitModule(pl.LightningModule):
@@ -45,6 +51,9 @@ class MoALitModule(pl.LightningModule):
         router_loss_reduction: ``"sum_per_image"`` (eq. 9, default) or ``"mean"`` (see ``RouterLoss``).
         router_loss_foreground_weight: 0 (the paper); above 0 the router loss also pulls subject pixels to
             the personalized expert (see ``RouterLoss``).
+        lambda_background_influence: 0 (the paper); above 0 adds this weight times
+            ``BackgroundInfluenceLoss``: the energy of what the personalized expert changes on background
+            pixels, in every MoA layer (not only the router loss's set). Needs the ``moa`` variant.
         image_encoder_lr: learning rate of the image encoder's trainable layers (``net``'s
             ``image_encoder_trainable_layers``); None: the optimizer's rate.
         lr_scale: per-part multipliers of the optimizer's rate: ``experts`` (start as copies of the
@@ -82,6 +91,7 @@ class MoALitModule(pl.LightningModule):
     def __init__(self, *, net: MoAModel, optimizer: Callable, lr_scheduler: Callable | None = None,
                  lambda_router: float = 1e-4, lambda_object: float = 1e-4,
                  router_loss_reduction: str = "sum_per_image", router_loss_foreground_weight: float = 0.0,
+                 lambda_background_influence: float = 0.0,
                  image_encoder_lr: float | None = None,
                  lr_scale: dict[str, float] | None = None, condition_dropout: float = 0.1,
                  subject_dropout: float = 0.0, text_only_dropout: float = 0.0, face_loss_weight: float = 1.0,
@@ -92,10 +102,16 @@ class MoALitModule(pl.LightningModule):
         super().__init__()
         self.model = model = net
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        for name, weight in (("lambda_router", lambda_router), ("lambda_object", lambda_object)):
+        for name, weight in (("lambda_router", lambda_router), ("lambda_object", lambda_object),
+                             ("lambda_background_influence", lambda_background_influence)):
             if weight < 0:
                 raise ValueError(f"model.{name}={weight}: a loss weight must be >= 0")
+        if lambda_background_influence and model.moa_config.variant != "moa":
+            raise ValueError(f"model.lambda_background_influence={lambda_background_influence} needs the prior "
+                             f"branch it measures against: model.net.moa_config.variant=moa, not "
+                             f"{model.moa_config.variant!r}")
         self.lambda_router, self.lambda_object = lambda_router, lambda_object
+        self.lambda_background_influence = lambda_background_influence
         if face_loss_weight < 1:
             raise ValueError(f"model.face_loss_weight={face_loss_weight}: expected >= 1 (1: every subject pixel alike)")
         self.face_loss_weight = face_loss_weight
@@ -113,6 +129,7 @@ class MoALitModule(pl.LightningModule):
             raise ValueError(f"model.max_timestep={max_timestep}: expected 1..{model.noise_scheduler.config.num_train_timesteps}")
         self.save_hyperparameters({"lambda_router": lambda_router, "router_loss_reduction": router_loss_reduction,
                                    "router_loss_foreground_weight": router_loss_foreground_weight,
+                                   "lambda_background_influence": lambda_background_influence,
                                    "image_encoder_lr": image_encoder_lr, "lambda_object": lambda_object, "condition_dropout": condition_dropout,
                                    "lr_scale": self.lr_scale, "subject_dropout": subject_dropout,
                                    "text_only_dropout": text_only_dropout, "face_loss_weight": face_loss_weight,
@@ -121,7 +138,9 @@ class MoALitModule(pl.LightningModule):
                                    "seed": seed})
         self.masked_loss, self.object_loss = MaskedDenoisingLoss(), ObjectLocalizationLoss()
         self.router_loss = RouterLoss(router_loss_reduction, router_loss_foreground_weight)
+        self.background_influence_loss = BackgroundInfluenceLoss()
         self.loss_layers = loss_layer_names(model.unet, model.moa_config)
+        self.influence_layers = frozenset(moa_processors(model.unet)) if lambda_background_influence else frozenset()
         self.use_router = model.moa_config.variant == "moa"
         if gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
@@ -291,6 +310,7 @@ class MoALitModule(pl.LightningModule):
             subject_token_index=batch["subject_token_index"], subject_valid=subject_valid,
             record_router_layers=self.loss_layers if self.use_router else frozenset(),
             record_attention_layers=self.loss_layers,
+            record_influence_layers=self.influence_layers,
         )
         prediction = model.unet(noisy, timesteps, text, cross_attention_kwargs={"moa": moa}).sample
         target = denoising_target(model.noise_scheduler, latents, noise, timesteps)
@@ -307,8 +327,13 @@ class MoALitModule(pl.LightningModule):
             given = latent_union_mask(masks, latent_size)
             losses["router"], prior_weight = self.router_loss(moa.router_maps, given)
             total = total + self.lambda_router * losses["router"]
-            stats["router_prior_weight_foreground"] = (prior_weight * given).sum() / given.sum().clamp(min=1e-6)
-            stats["router_prior_weight_background"] = (prior_weight * (1 - given)).sum() / (1 - given).sum().clamp(min=1e-6)
+            stats["router_prior_weight_foreground"] = masked_mean(prior_weight, given)
+            stats["router_prior_weight_background"] = masked_mean(prior_weight, 1 - given)
+            if self.influence_layers:
+                losses["background_influence"], influence = self.background_influence_loss(moa.influence_maps, given)
+                total = total + self.lambda_background_influence * losses["background_influence"]
+                stats["personalized_influence_foreground"] = masked_mean(influence, given)
+                stats["personalized_influence_background"] = masked_mean(influence, 1 - given)
         losses["object"] = self.object_loss(moa.subject_attention, masks, subject_valid)
         total = total + self.lambda_object * losses["object"]
         losses["loss"] = total

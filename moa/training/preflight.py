@@ -25,6 +25,7 @@ TRAINING_RANGES = {
     "model.image_encoder_lr": Range(False, 0, None, "a positive learning rate, or null", above_low=True, nullable=True),
     "model.lambda_router": Range(False, 0, None, "a non-negative loss weight (paper: 1e-4)"),
     "model.router_loss_foreground_weight": Range(False, 0, None, "a non-negative weight (paper: 0)"),
+    "model.lambda_background_influence": Range(False, 0, None, "a non-negative loss weight (paper: 0, no such term)"),
     "model.lambda_object": Range(False, 0, None, "a non-negative loss weight (paper: 1e-4)"),
     "model.face_loss_weight": Range(False, 1, None, "a weight >= 1 for face pixels (paper: 1)"),
     "model.condition_dropout": Range(False, 0, 1, "a probability in [0, 1]"),
@@ -70,6 +71,11 @@ def preflight(cfg: DictConfig) -> None:
     if frozen_dtype is not None and not precision.endswith("-mixed"):
         raise ConfigError(f"model.frozen_dtype={frozen_dtype}: needs a mixed trainer.precision (bf16-mixed or "
                           f"16-mixed, whose autocast mixes the dtypes), not {precision}")
+    influence = OmegaConf.select(cfg, "model.lambda_background_influence", default=0.0)
+    variant = OmegaConf.select(cfg, "model.net.moa_config.variant", default="moa")
+    if influence and variant != "moa":
+        raise ConfigError(f"model.lambda_background_influence={influence} measures the personalized expert against "
+                          f"the prior branch, which model.net.moa_config.variant={variant} has not (expected moa)")
     face_loss_weight = OmegaConf.select(cfg, "model.face_loss_weight", default=1.0)
     if face_loss_weight != 1 and not OmegaConf.select(cfg, "data.face_regions", default=False):
         raise ConfigError(f"model.face_loss_weight={face_loss_weight} weighs face pixels, which needs "
