@@ -187,3 +187,13 @@ routing_oracle _all_layers_loss_x10 --modes learned --weights synth_moa_all_laye
 # 24. Step 21 with the router loss 100x the paper's, then at 8x (12.0 min + 7.8 min)
 all_layers_loss /tmp/sw_allL100 1.0e-2
 routing_oracle _all_layers_loss_x100 --modes learned --weights synth_moa_all_layers_loss_x100=/tmp/sw_allL100/synth_moa/moa_weights
+# 25. Penalise the personalized expert's influence on the background instead of its router weight (added 2026-12-07,
+#     seventh session; model.lambda_background_influence, 1e-2 in synth_moa_influence) -> many_people_6k/background_influence/.
+#     /tmp had been wiped: step 18's prior rebuilt by the same command, then synth_moa_influence beside synth_no_moa
+#     at 1x, then at 8x against that no_moa
+train_prior 1024 6000 /tmp/p1k
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_influence,synth_no_moa]' out=/tmp/sw_inf
+python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_inf/world \
+    --out docs/synthworld/prior_recall/many_people_6k/background_influence --contexts 16 --seeds 4 \
+    --no-moa /tmp/sw_inf/synth_no_moa/moa_weights --tag "" --modes learned \
+    --weights synth_moa_influence=/tmp/sw_inf/synth_moa_influence/moa_weights
