@@ -227,6 +227,36 @@ def test_a_claim_holds_only_beyond_two_standard_errors():
     assert verdicts(variant | {"identity_information": {"test": information | {"difference_stderr": 0.002}}})[key] == "**no**"
 
 
+def test_every_moa_variant_gets_its_claims_against_no_moa():
+    """A lever run beside the baseline (variants=[synth_moa_influence, synth_no_moa]) is judged like
+    synth_moa, its rows named; the spacetime ablation stays synth_moa's alone."""
+    from moa.synthworld.report import claims
+
+    def numbers(identity, swap):
+        return {"identity_accuracy": identity, "identity_accuracy_of_prior_images": 0.29, "identity_decisions": 2560,
+                "context_accuracy": 0.75, "prior_context_accuracy": 0.73, "swap": {"mae_outside": swap},
+                "context_gap": {"gap": 1.0, "stderr": 1.0, "clusters": 128}}
+
+    judges = {"vae_reconstructions": {f"attribute/{name}": 0.869 for name in
+                                      ("skin", "hair_colour", "hair_style", "shirt_colour", "shirt_pattern")}}
+    results = {"chance_identity_accuracy": 0.29, "judges": judges,
+               "variants": {"synth_moa": numbers(0.70, 0.0319), "synth_moa_influence": numbers(0.63, 0.0150),
+                            "synth_no_moa": numbers(0.69, 0.0368), "synth_no_spacetime": numbers(0.68, 0.03)}}
+    rows = {claim: (measured, holds) for claim, measured, _, holds in claims(results)}
+    swap = "disentanglement: swap A->B, mean abs change outside the subject, MoA / no_moa"
+    assert rows[swap] == ("0.0319 / 0.0368 = 0.87x", "**no**")
+    assert rows[swap + " [synth_moa_influence]"] == ("0.0150 / 0.0368 = 0.41x", "yes")
+    identity = "identity: attribute accuracy of held-out subjects injected by MoA"
+    assert rows[identity][1] == "yes" and rows[identity + " [synth_moa_influence]"][1] == "yes"
+    assert rows[identity + " [synth_moa_influence]"][0].startswith("63.0% +- 1.0")
+    assert not any("[synth_no_moa]" in claim or "[synth_no_spacetime]" in claim for claim in rows)
+    assert [claim for claim in rows if claim.startswith("spacetime")] == [
+        "spacetime ablation: identity accuracy with / without the PE term"]
+    del results["variants"]["synth_moa"]
+    rows = {claim for claim, *_ in claims(results)}
+    assert swap + " [synth_moa_influence]" in rows and not any(claim.startswith("spacetime") for claim in rows)
+
+
 def test_committed_image_encoder_tells_held_out_subjects_apart(tmp_path, tiny_dir):
     """The gate of moa/assets/synth-clip, on a fresh small world: a linear probe reads every identity
     attribute of unseen subjects, and different subjects no longer share one direction (the random

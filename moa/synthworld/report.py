@@ -44,67 +44,87 @@ def accuracy_gap(a: float, n_a: int, b: float, n_b: int) -> tuple[float, float]:
     return 100 * (a - b), 100 * error
 
 
+# The variants every other one is measured against: the swap's and context's baseline, and the ablation
+# that pairs with synth_moa only.
+BASELINES = ("synth_no_moa", "synth_no_spacetime")
+
+
 def claims(results: dict) -> list[tuple[str, str, str, str]]:
     """(claim, measured, target, holds) rows of the results table. An accuracy "beats" another only
     by more than two standard errors of the difference; "within 5 points" needs the whole
-    two-standard-error interval inside +-5."""
+    two-standard-error interval inside +-5. Every variant that is not a baseline (synth_moa and any
+    lever such as synth_moa_influence) gets its own rows; a claim of a variant other than synth_moa
+    ends with its name in brackets."""
     variants = results["variants"]
+    no_moa, no_st = variants.get("synth_no_moa"), variants.get("synth_no_spacetime")
     rows = []
-    moa, no_moa, no_st = (variants.get(k) for k in ("synth_moa", "synth_no_moa", "synth_no_spacetime"))
-    if moa and no_moa and "swap" in moa and "swap" in no_moa:
-        ratio = moa["swap"]["mae_outside"] / max(no_moa["swap"]["mae_outside"], 1e-12)
-        rows.append(("disentanglement: swap A->B, mean abs change outside the subject, MoA / no_moa",
-                     f"{moa['swap']['mae_outside']:.4f} / {no_moa['swap']['mae_outside']:.4f} = {ratio:.2f}x",
-                     "<= 0.5x", _yes(ratio <= 0.5)))
-    for name, r in (("MoA", moa), ("no_moa", no_moa)):
-        if r:
-            # paired: each subject image against the prior's image of the same prompt and seed
-            gap, error, clusters = (r["context_gap"][k] for k in ("gap", "stderr", "clusters"))
-            rows.append((f"prior preservation: context accuracy, {name} vs the prior's own images",
-                         f"{100 * r['context_accuracy']:.1f}% vs {100 * r['prior_context_accuracy']:.1f}% "
-                         f"({gap:+.1f} +- {error:.1f} points, paired over {clusters} prompts x seeds)",
-                         "within 5 points" if name == "MoA" else "(comparison)",
-                         _yes(abs(gap) + 2 * error <= 5) if name == "MoA" else "-"))
-    if moa:
-        chance, ceiling = results["chance_identity_accuracy"], identity_ceiling(results)
-        accuracy, n = moa["identity_accuracy"], moa["identity_decisions"]
-        error = 100 * math.sqrt(accuracy * (1 - accuracy) / max(n, 1))
-        bar = max(2 * chance, 0.7 * ceiling)
-        rows.append(("identity: attribute accuracy of held-out subjects injected by MoA",
-                     f"{100 * accuracy:.1f}% +- {error:.1f} (uniform chance {100 * chance:.1f}%, VAE ceiling "
-                     f"{100 * ceiling:.1f}%)", f">= 2x chance and >= 70% of the ceiling ({100 * bar:.1f}%)",
-                     _yes(100 * accuracy - 2 * error >= 100 * bar)))
-        gap, error = accuracy_gap(accuracy, n, moa["identity_accuracy_of_prior_images"], n)
-        rows.append(("identity: MoA vs the prior's own images judged against the same subjects",
-                     f"{100 * accuracy:.1f}% vs {100 * moa['identity_accuracy_of_prior_images']:.1f}% "
-                     f"({gap:+.1f} +- {error:.1f} points)", "above", _yes(gap > 2 * error)))
-        if "seen_identity_accuracy" in moa:
-            rows.append(("injection works at all: identity accuracy of subjects stage 2 trained on",
-                         f"{100 * moa['seen_identity_accuracy']:.1f}% (VAE ceiling {100 * ceiling:.1f}%)",
-                         "near the ceiling", "-"))
-        for split, who in (("test", "held-out"), ("train", "trained-on")):
-            information = moa.get("identity_information", {}).get(split)
-            if information:
-                rows.append((f"injection reaches the model: {who} subjects' pixels, denoising error with their own "
-                             "image vs another subject's",
-                             f"{information['own']:.4f} vs {information['shuffled']:.4f} (no subject "
-                             f"{information['none']:.4f}): {100 * information['gain']:.1f}% lower, "
-                             f"+- {100 * information['difference_stderr'] / information['shuffled']:.1f}"
-                             + _gain_by_timestep(information) + _gain_by_region(information),
-                             "lower (> 2 standard errors)",
-                             _yes(information["shuffled"] - information["own"] > 2 * information["difference_stderr"])))
-        training = moa.get("training", {})
-        if "router_prior_weight_background" in training:
-            background, subject = training["router_prior_weight_background"], training["router_prior_weight_foreground"]
-            rows.append(("routers separate: mean prior weight over the loss layers, background / subject pixels",
-                         f"{background:.3f} / {subject:.3f}", ">= 0.8 / <= 0.5",
-                         _yes(background >= 0.8 and subject <= 0.5)))
+    for name, moa in variants.items():
+        if name not in BASELINES:
+            suffix = "" if name == "synth_moa" else f" [{name}]"
+            rows += [(claim + suffix, *rest) for claim, *rest in variant_claims(results, moa, no_moa)]
+    if no_moa:
+        gap, error, clusters = (no_moa["context_gap"][k] for k in ("gap", "stderr", "clusters"))
+        rows.append(("prior preservation: context accuracy, no_moa vs the prior's own images",
+                     f"{100 * no_moa['context_accuracy']:.1f}% vs {100 * no_moa['prior_context_accuracy']:.1f}% "
+                     f"({gap:+.1f} +- {error:.1f} points, paired over {clusters} prompts x seeds)",
+                     "(comparison)", "-"))
+    moa = variants.get("synth_moa")
     if moa and no_st:
         gap, error = accuracy_gap(moa["identity_accuracy"], moa["identity_decisions"], no_st["identity_accuracy"],
                                   no_st["identity_decisions"])
         rows.append(("spacetime ablation: identity accuracy with / without the PE term",
                      f"{100 * moa['identity_accuracy']:.1f}% / {100 * no_st['identity_accuracy']:.1f}% "
                      f"({gap:+.1f} +- {error:.1f} points)", "with > without", _yes(gap > 2 * error)))
+    return rows
+
+
+def variant_claims(results: dict, moa: dict, no_moa: dict | None) -> list[tuple[str, str, str, str]]:
+    """The claims of one MoA variant's numbers ``moa``, against synth_no_moa's where given."""
+    rows = []
+    if no_moa and "swap" in moa and "swap" in no_moa:
+        ratio = moa["swap"]["mae_outside"] / max(no_moa["swap"]["mae_outside"], 1e-12)
+        rows.append(("disentanglement: swap A->B, mean abs change outside the subject, MoA / no_moa",
+                     f"{moa['swap']['mae_outside']:.4f} / {no_moa['swap']['mae_outside']:.4f} = {ratio:.2f}x",
+                     "<= 0.5x", _yes(ratio <= 0.5)))
+    # paired: each subject image against the prior's image of the same prompt and seed
+    gap, error, clusters = (moa["context_gap"][k] for k in ("gap", "stderr", "clusters"))
+    rows.append(("prior preservation: context accuracy, MoA vs the prior's own images",
+                 f"{100 * moa['context_accuracy']:.1f}% vs {100 * moa['prior_context_accuracy']:.1f}% "
+                 f"({gap:+.1f} +- {error:.1f} points, paired over {clusters} prompts x seeds)",
+                 "within 5 points", _yes(abs(gap) + 2 * error <= 5)))
+    chance, ceiling = results["chance_identity_accuracy"], identity_ceiling(results)
+    accuracy, n = moa["identity_accuracy"], moa["identity_decisions"]
+    error = 100 * math.sqrt(accuracy * (1 - accuracy) / max(n, 1))
+    bar = max(2 * chance, 0.7 * ceiling)
+    rows.append(("identity: attribute accuracy of held-out subjects injected by MoA",
+                 f"{100 * accuracy:.1f}% +- {error:.1f} (uniform chance {100 * chance:.1f}%, VAE ceiling "
+                 f"{100 * ceiling:.1f}%)", f">= 2x chance and >= 70% of the ceiling ({100 * bar:.1f}%)",
+                 _yes(100 * accuracy - 2 * error >= 100 * bar)))
+    gap, error = accuracy_gap(accuracy, n, moa["identity_accuracy_of_prior_images"], n)
+    rows.append(("identity: MoA vs the prior's own images judged against the same subjects",
+                 f"{100 * accuracy:.1f}% vs {100 * moa['identity_accuracy_of_prior_images']:.1f}% "
+                 f"({gap:+.1f} +- {error:.1f} points)", "above", _yes(gap > 2 * error)))
+    if "seen_identity_accuracy" in moa:
+        rows.append(("injection works at all: identity accuracy of subjects stage 2 trained on",
+                     f"{100 * moa['seen_identity_accuracy']:.1f}% (VAE ceiling {100 * ceiling:.1f}%)",
+                     "near the ceiling", "-"))
+    for split, who in (("test", "held-out"), ("train", "trained-on")):
+        information = moa.get("identity_information", {}).get(split)
+        if information:
+            rows.append((f"injection reaches the model: {who} subjects' pixels, denoising error with their own "
+                         "image vs another subject's",
+                         f"{information['own']:.4f} vs {information['shuffled']:.4f} (no subject "
+                         f"{information['none']:.4f}): {100 * information['gain']:.1f}% lower, "
+                         f"+- {100 * information['difference_stderr'] / information['shuffled']:.1f}"
+                         + _gain_by_timestep(information) + _gain_by_region(information),
+                         "lower (> 2 standard errors)",
+                         _yes(information["shuffled"] - information["own"] > 2 * information["difference_stderr"])))
+    training = moa.get("training", {})
+    if "router_prior_weight_background" in training:
+        background, subject = training["router_prior_weight_background"], training["router_prior_weight_foreground"]
+        rows.append(("routers separate: mean prior weight over the loss layers, background / subject pixels",
+                     f"{background:.3f} / {subject:.3f}", ">= 0.8 / <= 0.5",
+                     _yes(background >= 0.8 and subject <= 0.5)))
     return rows
 
 
