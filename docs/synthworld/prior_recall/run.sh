@@ -197,3 +197,22 @@ python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --w
     --out docs/synthworld/prior_recall/many_people_6k/background_influence --contexts 16 --seeds 4 \
     --no-moa /tmp/sw_inf/synth_no_moa/moa_weights --tag "" --modes learned \
     --weights synth_moa_influence=/tmp/sw_inf/synth_moa_influence/moa_weights
+# 26. A third of the weight (added 2026-12-08, eighth session; lambda_background_influence 3e-3) -> many_people_6k/
+#     background_influence/lambda_3e-3/. /tmp had been wiped: step 18's prior rebuilt by the same command; the lever
+#     alone at 1x, synth_no_moa by the runner's own stage command, 8x against it, then the 1x claims table of both
+#     (evaluation only). Spread judge off to save its 3.7 min.
+train_prior 1024 6000 /tmp/p1k
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_influence]' out=/tmp/sw_3e-3 \
+    'scale.stage_overrides=["model.lambda_background_influence=0.003"]' eval.spread_judge_seed=null
+python -m moa.training paths.cache_dir=/tmp/sw_3e-3/cache seed=0 logger=csv embedded.data_root=/tmp/sw_3e-3/world \
+    experiment=synth_no_moa hydra.run.dir=/tmp/sw_3e-3/synth_no_moa base_model=/tmp/p1k/prior \
+    image_encoder=$PWD/moa/assets/synth-clip
+python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_3e-3/world \
+    --out /tmp/sw_3e-3/oracle8x --contexts 16 --seeds 4 \
+    --no-moa /tmp/sw_3e-3/synth_no_moa/moa_weights --tag "_lambda_3e-3" --modes learned \
+    --weights synth_moa_influence_3e-3=/tmp/sw_3e-3/synth_moa_influence/moa_weights
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_influence,synth_no_moa]' \
+    out=/tmp/sw_3e-3 eval.spread_judge_seed=null
+for f in /tmp/sw_3e-3/oracle8x/*; do cp $f docs/synthworld/prior_recall/many_people_6k/background_influence/lambda_3e-3/$(basename ${f/_lambda_3e-3/}); done
+cp /tmp/sw_3e-3/{results.md,results.json,timings.json,fig7_synth_moa_influence.png,router_maps_synth_moa_influence.png,router_separation.png} \
+    docs/synthworld/prior_recall/many_people_6k/background_influence/lambda_3e-3/
