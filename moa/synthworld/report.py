@@ -63,11 +63,7 @@ def claims(results: dict) -> list[tuple[str, str, str, str]]:
             suffix = "" if name == "synth_moa" else f" [{name}]"
             rows += [(claim + suffix, *rest) for claim, *rest in variant_claims(results, moa, no_moa)]
     if no_moa:
-        gap, error, clusters = (no_moa["context_gap"][k] for k in ("gap", "stderr", "clusters"))
-        rows.append(("prior preservation: context accuracy, no_moa vs the prior's own images",
-                     f"{100 * no_moa['context_accuracy']:.1f}% vs {100 * no_moa['prior_context_accuracy']:.1f}% "
-                     f"({gap:+.1f} +- {error:.1f} points, paired over {clusters} prompts x seeds)",
-                     "(comparison)", "-"))
+        rows.append(context_claim("no_moa", no_moa, judged=False))
     moa = variants.get("synth_moa")
     if moa and no_st:
         gap, error = accuracy_gap(moa["identity_accuracy"], moa["identity_decisions"], no_st["identity_accuracy"],
@@ -86,12 +82,7 @@ def variant_claims(results: dict, moa: dict, no_moa: dict | None) -> list[tuple[
         rows.append(("disentanglement: swap A->B, mean abs change outside the subject, MoA / no_moa",
                      f"{moa['swap']['mae_outside']:.4f} / {no_moa['swap']['mae_outside']:.4f} = {ratio:.2f}x",
                      "<= 0.5x", _yes(ratio <= 0.5)))
-    # paired: each subject image against the prior's image of the same prompt and seed
-    gap, error, clusters = (moa["context_gap"][k] for k in ("gap", "stderr", "clusters"))
-    rows.append(("prior preservation: context accuracy, MoA vs the prior's own images",
-                 f"{100 * moa['context_accuracy']:.1f}% vs {100 * moa['prior_context_accuracy']:.1f}% "
-                 f"({gap:+.1f} +- {error:.1f} points, paired over {clusters} prompts x seeds)",
-                 "within 5 points", _yes(abs(gap) + 2 * error <= 5)))
+    rows.append(context_claim("MoA", moa, judged=True))
     chance, ceiling = results["chance_identity_accuracy"], identity_ceiling(results)
     accuracy, n = moa["identity_accuracy"], moa["identity_decisions"]
     error = 100 * math.sqrt(accuracy * (1 - accuracy) / max(n, 1))
@@ -126,6 +117,16 @@ def variant_claims(results: dict, moa: dict, no_moa: dict | None) -> list[tuple[
                      f"{background:.3f} / {subject:.3f}", ">= 0.8 / <= 0.5",
                      _yes(background >= 0.8 and subject <= 0.5)))
     return rows
+
+
+def context_claim(name: str, r: dict, judged: bool) -> tuple[str, str, str, str]:
+    """The prior-preservation row of one variant's numbers ``r``; ``judged=False`` for a comparison row.
+    Paired: each subject image against the prior's image of the same prompt and seed."""
+    gap, error, clusters = (r["context_gap"][k] for k in ("gap", "stderr", "clusters"))
+    return (f"prior preservation: context accuracy, {name} vs the prior's own images",
+            f"{100 * r['context_accuracy']:.1f}% vs {100 * r['prior_context_accuracy']:.1f}% "
+            f"({gap:+.1f} +- {error:.1f} points, paired over {clusters} prompts x seeds)",
+            "within 5 points" if judged else "(comparison)", _yes(abs(gap) + 2 * error <= 5) if judged else "-")
 
 
 def identity_ceiling(results: dict) -> float:
