@@ -237,7 +237,8 @@ if __name__ == "__main__":
     parser.add_argument("--contexts", type=int, required=True)
     parser.add_argument("--seeds", type=int, required=True)
     parser.add_argument("--no-moa", required=True, help="synth_no_moa's moa_weights folder: the swap's baseline")
-    parser.add_argument("--weights", nargs="+", required=True, metavar="NAME=WEIGHTS")
+    parser.add_argument("--weights", nargs="+", action="extend", required=True, metavar="NAME=WEIGHTS",
+                        help="one or more; the flag may repeat")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--tag", default="", help="suffix of the output files")
     args = parser.parse_args()
