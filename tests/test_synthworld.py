@@ -165,6 +165,48 @@ def test_context_gap_is_paired_by_prompt_and_seed():
     assert gap["stderr"] == pytest.approx(25.0)
 
 
+def test_clustered_standard_error_by_hand():
+    """Two groupings of a 2 x 2 design (subjects x prompts). Additive effects 0,1 / 0,1: deviations
+    -1, 0, 0, 1; each one-way variance 2/1 * 2/16 = 1/4, the intersection (one image each) 4/3 * 2/16 =
+    1/6, so V = 1/4 + 1/4 - 1/6 = 1/3. A subject effect alone: the subject grouping's 1/4 (the total,
+    1/4 + 0 - 1/12, is floored at it); the prompt grouping alone sees none of it."""
+    from moa.synthworld.report import clustered_mean
+
+    subjects, prompts = [0, 0, 1, 1], [0, 1, 0, 1]
+    assert clustered_mean(torch.tensor([0.0, 1, 1, 2]), [subjects, prompts]) == pytest.approx((1.0, (1 / 3) ** 0.5))
+    assert clustered_mean(torch.tensor([1.0, 1, 0, 0]), [subjects, prompts]) == pytest.approx((0.5, 0.5))
+    assert clustered_mean(torch.tensor([1.0, 1, 0, 0]), [prompts]) == pytest.approx((0.5, 0.0))
+
+
+def test_identity_comparisons_are_paired_per_image_and_clustered_by_subject():
+    """The spacetime ablation compares two variants on the same subjects, prompts and seeds. A gain of
+    0.1 on every image is certain whatever the subjects' own accuracies (two binomials over the 80
+    decisions would call it 1.3 errors); a gain of 0.35 on two subjects and -0.05 on the other two is
+    not (per image it would be 2.9 errors; per subject it is 1.3)."""
+    from moa.synthworld.report import claims
+
+    keys = [["man", i, c, 0] for i in range(4) for c in range(4)]
+    base = [0.2 + 0.1 * k[1] for k in keys]  # the subjects differ, as real ones do
+
+    def variant(accuracy):
+        return {"identity_accuracy": sum(accuracy) / 16, "identity_accuracy_of_prior_images": 0.29,
+                "identity_decisions": 80, "context_accuracy": 0.75, "prior_context_accuracy": 0.73,
+                "context_gap": {"gap": 1.0, "stderr": 1.0, "clusters": 4},
+                "identity_per_image": {"keys": keys, "accuracy": accuracy}}
+
+    def spacetime(gains):
+        with_pe = variant([b + gains[k[1]] for b, k in zip(base, keys)])
+        rows = {claim: (measured, holds) for claim, measured, _, holds in claims(
+            {"chance_identity_accuracy": 0.29, "variants": {"synth_moa": with_pe, "synth_no_spacetime": variant(base)}})}
+        return rows["spacetime ablation: identity accuracy with / without the PE term"]
+
+    measured, holds = spacetime([0.1] * 4)
+    assert holds == "yes" and measured.endswith("(+10.0 +- 0.0 points)")
+    measured, holds = spacetime([0.35, 0.35, -0.05, -0.05])
+    # per-subject means of the differences: +0.35, +0.35, -0.05, -0.05; clustered error 4/3 * 4 * 0.8^2 / 256
+    assert holds == "**no**" and measured.endswith(f"(+15.0 +- {100 * (4 / 3 * 4 * 0.64 / 256) ** 0.5:.1f} points)")
+
+
 def test_head_and_body_weights_split_the_subject_exactly():
     """The judge-free gain's regions: one figure (8x8 pixels) with a 4x8 head on top, a second subject
     slot padded with zeros, at a 4x4 latent grid. The antialiased resize weighs the four pixel rows

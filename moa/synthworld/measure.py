@@ -27,7 +27,7 @@ from moa.inference.pipeline import MoAPipeline, Subject, scheduler_from_name
 from moa.models.losses import denoising_target, latent_union_mask
 from moa.models.model import MoAModel, load_image_encoder
 from moa.synthworld.judges import ATTRIBUTES, CONTEXT, IDENTITY_ATTRIBUTES, WorldLabels, square_crop
-from moa.synthworld.report import write_figures
+from moa.synthworld.report import clustered_mean, correlation_groups, paired_gap, write_figures
 from moa.synthworld.world import (
     IMAGE_SIZE,
     WORDS,
@@ -160,18 +160,12 @@ def paired_context_gap(subject_keys: list, subject_hits: torch.Tensor, prior_key
                        prior_hits: torch.Tensor) -> dict:
     """Context accuracy of the subject images minus the prior's own image of the same prompt and seed,
     paired: subject_keys (word, i, c, seed) with subject_hits (n, 4), prior_keys (word, c, seed) with
-    prior_hits (m, 4). Every subject image of one (word, c, seed) shares that prior image and its
-    starting noise, so the images are not independent draws: the standard error comes from the
-    per-prompt-and-seed mean differences (one cluster each), not from a binomial count.
-
-    Returns ``gap`` (points), its ``stderr`` (points) and the number of ``clusters``."""
-    prior_row = dict(zip(prior_keys, prior_hits))
-    clusters: dict[tuple, list] = {}
-    for (word, _, c, seed), hits in zip(subject_keys, subject_hits):
-        clusters.setdefault((word, c, seed), []).append(hits.mean() - prior_row[(word, c, seed)].mean())
-    differences = torch.stack([torch.stack(values).mean() for values in clusters.values()])
-    stderr = differences.std() / len(differences) ** 0.5 if len(differences) > 1 else torch.tensor(float("nan"))
-    return {"gap": 100 * differences.mean().item(), "stderr": 100 * stderr.item(), "clusters": len(differences)}
+    prior_hits (m, 4). The images are not independent draws (every subject image of one (word, c, seed)
+    shares that prior image and its starting noise; one subject's images share its reference), so the
+    standard error is ``paired_gap``'s, clustered both ways, not a binomial count."""
+    prior_row = dict(zip(prior_keys, prior_hits.mean(1)))
+    differences = subject_hits.mean(1) - torch.stack([prior_row[(w, c, s)] for w, _, c, s in subject_keys])
+    return paired_gap(subject_keys, differences)
 
 
 def score_variant(images: dict, subjects, contexts, judges, cfg) -> dict:
@@ -188,18 +182,24 @@ def score_variant(images: dict, subjects, contexts, judges, cfg) -> dict:
     # The prior's own images judged against each subject: the accuracy that needs no subject at all.
     prior_as_subject = {(w, i, c, s): images["prior"][(w, c, s)] for (w, i, c, s) in images["subject"]}
     prior_hits = identity_hits(judges, prior_as_subject, lambda k: subjects[k[0]][k[1]])
+    keys = list(images["subject"])
+    identity, prior_identity = subject_hits.mean(1), prior_hits.mean(1)  # per image, (n,)
     subject_context_hits = context_hits(images["subject"], lambda k: k[2])
     prior_context_hits = context_hits(images["prior"], lambda k: k[1])
     results = {
         "identity_accuracy": subject_hits.mean().item(),
         "identity_accuracy_per_attribute": dict(zip(IDENTITY_ATTRIBUTES, subject_hits.mean(0).tolist())),
         "identity_accuracy_of_prior_images": prior_hits.mean().item(),
+        # Clustered by subject and by prompt-seed (``clustered_mean``), in points; the per-image readings
+        # let another variant judged on the same keys be compared pairwise (``report.identity_gap``).
+        "identity_stderr": 100 * clustered_mean(identity, correlation_groups(keys))[1],
+        "identity_gap_over_prior": paired_gap(keys, identity - prior_identity),
+        "identity_per_image": {"keys": [list(k) for k in keys], "accuracy": identity.tolist()},
         "context_accuracy": subject_context_hits.mean().item(),
         "context_accuracy_per_factor": dict(zip(CONTEXT, subject_context_hits.mean(0).tolist())),
         "prior_context_accuracy": prior_context_hits.mean().item(),
-        "context_gap": paired_context_gap(list(images["subject"]), subject_context_hits, list(images["prior"]),
-                                          prior_context_hits),
-        # judged decisions behind each accuracy, for its standard error
+        "context_gap": paired_context_gap(keys, subject_context_hits, list(images["prior"]), prior_context_hits),
+        # attribute decisions behind identity_accuracy (n images x 5)
         "identity_decisions": subject_hits.numel(),
     }
 

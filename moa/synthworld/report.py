@@ -3,10 +3,13 @@ per-variant numbers, the judges' calibration, wall times, and the figures."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections import defaultdict
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from moa.files import save_image, write_text
@@ -39,9 +42,68 @@ def write_figures(out: Path, variant: str, images: dict, subjects, contexts, see
 
 
 def accuracy_gap(a: float, n_a: int, b: float, n_b: int) -> tuple[float, float]:
-    """a - b in points and its standard error (two independent binomial proportions)."""
+    """a - b in points and its standard error (two independent binomial proportions). Only for results
+    written before the per-image readings were recorded (see ``paired_gap``)."""
     error = math.sqrt(a * (1 - a) / max(n_a, 1) + b * (1 - b) / max(n_b, 1))
     return 100 * (a - b), 100 * error
+
+
+def clustered_mean(values: torch.Tensor, groupings: list[list]) -> tuple[float, float]:
+    """Mean of per-image values (n,) and its standard error when the images are not independent draws:
+    images that share a label in any of ``groupings`` (each n hashable labels, e.g. the subject, or the
+    prompt and seed) may be correlated. The multiway cluster-robust variance of Cameron, Gelbach and
+    Miller (2011): inclusion-exclusion over the groupings and their intersections (for two,
+    V_a + V_b - V_ab), each V_g = G / (G - 1) * sum over its G clusters of (sum of deviations)^2 / n^2,
+    floored at the largest one-way variance so it cannot go negative. One grouping of equal-sized
+    clusters gives the standard error of the cluster means."""
+    n, deviations = len(values), (values - values.mean()).tolist()
+
+    def variance(labels) -> float:
+        sums: dict = defaultdict(float)
+        for label, deviation in zip(labels, deviations):
+            sums[label] += deviation
+        return len(sums) / (len(sums) - 1) * sum(s * s for s in sums.values()) / n ** 2 if len(sums) > 1 else math.nan
+
+    one_way = [variance(labels) for labels in groupings]
+    total = sum((-1) ** (size + 1) * variance(list(zip(*subset)))
+                for size in range(1, len(groupings) + 1) for subset in itertools.combinations(groupings, size))
+    return values.mean().item(), math.sqrt(max(total, *one_way))
+
+
+def paired_gap(keys: list[tuple], differences: torch.Tensor) -> dict:
+    """Mean of per-image differences (n,) between two readings of the same (word, subject, context, seed)
+    ``keys`` (two variants, or a variant and the prior's image of that prompt and seed), in points.
+    Images of one subject, and of one prompt and seed (same starting noise, and the same prior image),
+    are correlated: the standard error is clustered both ways (``clustered_mean``).
+
+    Returns ``gap`` and ``stderr`` (points), ``clusters`` (prompt-seed pairs) and ``subjects``."""
+    subjects, prompts = correlation_groups(keys)
+    gap, error = clustered_mean(differences, [subjects, prompts])
+    return {"gap": 100 * gap, "stderr": 100 * error, "clusters": len(set(prompts)), "subjects": len(set(subjects))}
+
+
+def correlation_groups(keys: list[tuple]) -> list[list]:
+    """The labels (word, subject, context, seed) keys share when their images are correlated: the subject
+    (word, i) and the prompt with its seed (word, c, seed)."""
+    return [[(w, i) for w, i, _, _ in keys], [(w, c, s) for w, _, c, s in keys]]
+
+
+def identity_gap(r: dict, other: dict | None = None) -> tuple[float, float]:
+    """Identity accuracy of variant numbers ``r`` minus ``other``'s (a variant judged on the same
+    images' keys) or, without ``other``, minus the prior's own images judged against the same subjects:
+    (points, standard error). Paired and clustered where the per-image readings were recorded; results
+    written before that fall back to two independent binomials over the attribute decisions."""
+    if other is None and "identity_gap_over_prior" in r:
+        return r["identity_gap_over_prior"]["gap"], r["identity_gap_over_prior"]["stderr"]
+    if other is not None and "identity_per_image" in r and "identity_per_image" in other:
+        theirs = dict(zip(map(tuple, other["identity_per_image"]["keys"]), other["identity_per_image"]["accuracy"]))
+        keys = [tuple(k) for k in r["identity_per_image"]["keys"]]
+        differences = torch.tensor(r["identity_per_image"]["accuracy"]) - torch.tensor([theirs[k] for k in keys])
+        gap = paired_gap(keys, differences)
+        return gap["gap"], gap["stderr"]
+    b = r["identity_accuracy_of_prior_images"] if other is None else other["identity_accuracy"]
+    n_b = r["identity_decisions"] if other is None else other["identity_decisions"]
+    return accuracy_gap(r["identity_accuracy"], r["identity_decisions"], b, n_b)
 
 
 # The variants every other one is measured against: the swap's and context's baseline, and the ablation
@@ -66,8 +128,7 @@ def claims(results: dict) -> list[tuple[str, str, str, str]]:
         rows.append(context_claim("no_moa", no_moa, judged=False))
     moa = variants.get("synth_moa")
     if moa and no_st:
-        gap, error = accuracy_gap(moa["identity_accuracy"], moa["identity_decisions"], no_st["identity_accuracy"],
-                                  no_st["identity_decisions"])
+        gap, error = identity_gap(moa, no_st)
         rows.append(("spacetime ablation: identity accuracy with / without the PE term",
                      f"{100 * moa['identity_accuracy']:.1f}% / {100 * no_st['identity_accuracy']:.1f}% "
                      f"({gap:+.1f} +- {error:.1f} points)", "with > without", _yes(gap > 2 * error)))
@@ -85,13 +146,13 @@ def variant_claims(results: dict, moa: dict, no_moa: dict | None) -> list[tuple[
     rows.append(context_claim("MoA", moa, judged=True))
     chance, ceiling = results["chance_identity_accuracy"], identity_ceiling(results)
     accuracy, n = moa["identity_accuracy"], moa["identity_decisions"]
-    error = 100 * math.sqrt(accuracy * (1 - accuracy) / max(n, 1))
+    error = moa.get("identity_stderr", 100 * math.sqrt(accuracy * (1 - accuracy) / max(n, 1)))
     bar = max(2 * chance, 0.7 * ceiling)
     rows.append(("identity: attribute accuracy of held-out subjects injected by MoA",
                  f"{100 * accuracy:.1f}% +- {error:.1f} (uniform chance {100 * chance:.1f}%, VAE ceiling "
                  f"{100 * ceiling:.1f}%)", f">= 2x chance and >= 70% of the ceiling ({100 * bar:.1f}%)",
                  _yes(100 * accuracy - 2 * error >= 100 * bar)))
-    gap, error = accuracy_gap(accuracy, n, moa["identity_accuracy_of_prior_images"], n)
+    gap, error = identity_gap(moa)
     rows.append(("identity: MoA vs the prior's own images judged against the same subjects",
                  f"{100 * accuracy:.1f}% vs {100 * moa['identity_accuracy_of_prior_images']:.1f}% "
                  f"({gap:+.1f} +- {error:.1f} points)", "above", _yes(gap > 2 * error)))

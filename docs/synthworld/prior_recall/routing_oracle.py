@@ -212,7 +212,7 @@ def main(prior: str, world: str, out: str, contexts: int, seeds: int, no_moa: st
                 changes = swap_changes(images, subjects, judges, cfg.eval.region_dilation)
                 results[name][mode] = {
                     "identity_accuracy": scores["identity_accuracy"],
-                    "identity_decisions": scores["identity_decisions"],
+                    **{k: scores[k] for k in ("identity_decisions", "identity_stderr", "identity_per_image")},
                     "context_gap": scores["context_gap"],
                     "swap_mae_outside": torch.stack(list(changes.values())).mean().item(),
                     "swap_vs_no_moa": ratio_with_stderr(changes, baseline, torch.Generator().manual_seed(0)),
