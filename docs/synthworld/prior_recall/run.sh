@@ -216,3 +216,26 @@ python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_
 for f in /tmp/sw_3e-3/oracle8x/*; do cp $f docs/synthworld/prior_recall/many_people_6k/background_influence/lambda_3e-3/$(basename ${f/_lambda_3e-3/}); done
 cp /tmp/sw_3e-3/{results.md,results.json,timings.json,fig7_synth_moa_influence.png,router_maps_synth_moa_influence.png,router_separation.png} \
     docs/synthworld/prior_recall/many_people_6k/background_influence/lambda_3e-3/
+# 27. The spacetime ablation with the background-influence term (added 2026-12-08, ninth session) ->
+#     many_people_6k/background_influence/spacetime/. Step 26's prior, world and synth_no_moa (copied; the world and
+#     the stage are deterministic); synth_moa_influence (1e-2) and synth_no_spacetime with the same term at 1x, both
+#     at 8x, then the 1x evaluation again with the per-image readings of commit 0aad1a0 (evaluation only)
+mkdir -p /tmp/sw_st && cp -r /tmp/sw_3e-3/{world,cache,synth_no_moa} /tmp/sw_st/
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed \
+    'variants=[synth_moa_influence,synth_no_spacetime,synth_no_moa]' out=/tmp/sw_st \
+    'scale.stage_overrides=["model.lambda_background_influence=0.01"]' eval.spread_judge_seed=null
+python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_st/world \
+    --out /tmp/sw_st/oracle8x --contexts 16 --seeds 4 \
+    --no-moa /tmp/sw_st/synth_no_moa/moa_weights --tag "_spacetime_influence" --modes learned \
+    --weights synth_moa_influence=/tmp/sw_st/synth_moa_influence/moa_weights \
+    --weights synth_no_spacetime_influence=/tmp/sw_st/synth_no_spacetime/moa_weights
+# 28. The subject-routing term with the influence term (added 2026-12-08, ninth session): synth_moa_router_fg
+#     (router loss 100x, foreground term) + lambda_background_influence 1e-2 -> many_people_6k/background_influence/
+#     router_fg/. Same copies as step 27.
+mkdir -p /tmp/sw_fgi && cp -r /tmp/sw_3e-3/{world,cache,synth_no_moa} /tmp/sw_fgi/
+python -m moa.synthworld prior=/tmp/p1k/prior judges=committed 'variants=[synth_moa_router_fg,synth_no_moa]' \
+    out=/tmp/sw_fgi 'scale.stage_overrides=["model.lambda_background_influence=0.01"]' eval.spread_judge_seed=null
+python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_fgi/world \
+    --out /tmp/sw_fgi/oracle8x --contexts 16 --seeds 4 \
+    --no-moa /tmp/sw_fgi/synth_no_moa/moa_weights --tag "_router_fg_influence" --modes learned \
+    --weights synth_moa_router_fg_influence=/tmp/sw_fgi/synth_moa_router_fg/moa_weights
