@@ -239,3 +239,13 @@ python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --w
     --out /tmp/sw_fgi/oracle8x --contexts 16 --seeds 4 \
     --no-moa /tmp/sw_fgi/synth_no_moa/moa_weights --tag "_router_fg_influence" --modes learned \
     --weights synth_moa_router_fg_influence=/tmp/sw_fgi/synth_moa_router_fg/moa_weights
+# 29. synth_moa (the paper's losses) at 8x with the clustered errors of commit 0aad1a0 (added 2026-12-08, ninth
+#     session) -> many_people_6k/claims_8x/clustered_errors/. Step 26's prior, world and synth_no_moa copied in.
+mkdir -p /tmp/sw_moa && cp -r /tmp/sw_3e-3/{world,cache,synth_no_moa} /tmp/sw_moa/
+python -m moa.training paths.cache_dir=/tmp/sw_moa/cache seed=0 logger=csv embedded.data_root=/tmp/sw_moa/world \
+    experiment=synth_moa hydra.run.dir=/tmp/sw_moa/synth_moa base_model=/tmp/p1k/prior \
+    image_encoder=$PWD/moa/assets/synth-clip
+python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_moa/world \
+    --out /tmp/sw_moa/oracle8x --contexts 16 --seeds 4 \
+    --no-moa /tmp/sw_moa/synth_no_moa/moa_weights --tag "_paper_losses" --modes learned \
+    --weights synth_moa=/tmp/sw_moa/synth_moa/moa_weights
