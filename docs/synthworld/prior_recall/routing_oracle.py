@@ -1,7 +1,7 @@
 """Would routers that separate make the swap leave the outside alone? Trained weights, routing replaced at inference.
 
 usage: python docs/synthworld/prior_recall/routing_oracle.py --prior DIR --world DIR --out DIR --contexts N --seeds N \
-           --no-moa WEIGHTS --weights NAME=WEIGHTS [NAME=WEIGHTS ...] [--modes MODE ...] [--tag TAG]
+           [--subjects-per-word N] --no-moa WEIGHTS --weights NAME=WEIGHTS [NAME=WEIGHTS ...] [--modes MODE ...] [--tag TAG]
 
 Disentanglement (swap subject A for B: mean absolute change outside the subject <= 0.5x no_moa's) and the routers'
 split (background >= 0.8 prior weight, subject <= 0.5) both fail on the 896-person prior. This asks whether the
@@ -159,9 +159,12 @@ def plot_router_layers(results: dict, path: Path) -> None:
 
 
 def main(prior: str, world: str, out: str, contexts: int, seeds: int, no_moa: str, named: list[str],
-         modes: list[str], tag: str) -> None:
+         modes: list[str], tag: str, subjects_per_word: int | None = None) -> None:
+    overrides = [f"eval.contexts={contexts}", f"eval.seeds={seeds}"]
+    if subjects_per_word is not None:
+        overrides.append(f"eval.subjects_per_word={subjects_per_word}")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="synthworld", overrides=[f"eval.contexts={contexts}", f"eval.seeds={seeds}"])
+        cfg = compose(config_name="synthworld", overrides=overrides)
     malformed = [item for item in named if "=" not in item]
     if malformed:
         raise ValueError(f"--weights expects NAME=WEIGHTS_FOLDER items, got {malformed}")
@@ -194,7 +197,8 @@ def main(prior: str, world: str, out: str, contexts: int, seeds: int, no_moa: st
         _, pipe = pipeline(no_moa)
         baseline_images, _ = generate_subjects(pipe, subjects, context_list, seed_list, cfg, set_figure)
         baseline = swap_changes(baseline_images, subjects, judges, cfg.eval.region_dilation)
-        results = {"protocol": {"contexts": contexts, "seeds": seeds, "temperature": TEMPERATURE,
+        results = {"protocol": {"contexts": contexts, "seeds": seeds, "subjects_per_word": cfg.eval.subjects_per_word,
+                                "temperature": TEMPERATURE,
                                 "mask_growth": MASK_GROWTH, "bootstrap": BOOTSTRAP},
                    "no_moa": {"swap_mae_outside": torch.stack(list(baseline.values())).mean().item()}}
         shown, key = [], sorted(baseline_images)[0]
@@ -236,10 +240,14 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True)
     parser.add_argument("--contexts", type=int, required=True)
     parser.add_argument("--seeds", type=int, required=True)
+    parser.add_argument("--subjects-per-word", type=int, default=None,
+                        help="held-out subjects per person word (default: the protocol's); the first ones of the "
+                             "test split, so a larger number keeps the smaller one's subjects")
     parser.add_argument("--no-moa", required=True, help="synth_no_moa's moa_weights folder: the swap's baseline")
     parser.add_argument("--weights", nargs="+", action="extend", required=True, metavar="NAME=WEIGHTS",
                         help="one or more; the flag may repeat")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--tag", default="", help="suffix of the output files")
     args = parser.parse_args()
-    main(args.prior, args.world, args.out, args.contexts, args.seeds, args.no_moa, args.weights, args.modes, args.tag)
+    main(args.prior, args.world, args.out, args.contexts, args.seeds, args.no_moa, args.weights, args.modes, args.tag,
+         args.subjects_per_word)
