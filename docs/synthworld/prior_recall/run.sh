@@ -249,3 +249,9 @@ python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --w
     --out /tmp/sw_moa/oracle8x --contexts 16 --seeds 4 \
     --no-moa /tmp/sw_moa/synth_no_moa/moa_weights --tag "_paper_losses" --modes learned \
     --weights synth_moa=/tmp/sw_moa/synth_moa/moa_weights
+# 30. More held-out subjects, fewer prompts (added 2026-12-08, ninth session) -> many_people_6k/claims_8x/
+#     clustered_errors/routing_oracle_subjects16.*: steps 27 and 29's weights
+python docs/synthworld/prior_recall/routing_oracle.py --prior /tmp/p1k/prior --world /tmp/sw_st/world \
+    --out /tmp/sw_subj --contexts 4 --seeds 2 --subjects-per-word 16 \
+    --no-moa /tmp/sw_st/synth_no_moa/moa_weights --tag "_subjects16" --modes learned \
+    --weights synth_moa_influence=/tmp/sw_st/synth_moa_influence/moa_weights synth_moa=/tmp/sw_moa/synth_moa/moa_weights
