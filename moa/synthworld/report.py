@@ -54,8 +54,8 @@ def clustered_mean(values: torch.Tensor, groupings: list[list]) -> tuple[float, 
     prompt and seed) may be correlated. The multiway cluster-robust variance of Cameron, Gelbach and
     Miller (2011): inclusion-exclusion over the groupings and their intersections (for two,
     V_a + V_b - V_ab), each V_g = G / (G - 1) * sum over its G clusters of (sum of deviations)^2 / n^2,
-    floored at the largest one-way variance so it cannot go negative. One grouping of equal-sized
-    clusters gives the standard error of the cluster means."""
+    floored at the largest one-way variance so it cannot go negative; nan when a grouping has one
+    cluster. One grouping of equal-sized clusters gives the standard error of the cluster means."""
     n, deviations = len(values), (values - values.mean()).tolist()
 
     def variance(labels) -> float:
@@ -65,6 +65,8 @@ def clustered_mean(values: torch.Tensor, groupings: list[list]) -> tuple[float, 
         return len(sums) / (len(sums) - 1) * sum(s * s for s in sums.values()) / n ** 2 if len(sums) > 1 else math.nan
 
     one_way = [variance(labels) for labels in groupings]
+    if any(math.isnan(v) for v in one_way):  # a grouping with one cluster: no error to estimate
+        return values.mean().item(), math.nan
     total = sum((-1) ** (size + 1) * variance(list(zip(*subset)))
                 for size in range(1, len(groupings) + 1) for subset in itertools.combinations(groupings, size))
     return values.mean().item(), math.sqrt(max(total, *one_way))
@@ -93,17 +95,19 @@ def identity_gap(r: dict, other: dict | None = None) -> tuple[float, float]:
     images' keys) or, without ``other``, minus the prior's own images judged against the same subjects:
     (points, standard error). Paired and clustered where the per-image readings were recorded; results
     written before that fall back to two independent binomials over the attribute decisions."""
-    if other is None and "identity_gap_over_prior" in r:
-        return r["identity_gap_over_prior"]["gap"], r["identity_gap_over_prior"]["stderr"]
-    if other is not None and "identity_per_image" in r and "identity_per_image" in other:
+    if other is None:
+        if "identity_gap_over_prior" in r:
+            return r["identity_gap_over_prior"]["gap"], r["identity_gap_over_prior"]["stderr"]
+        return accuracy_gap(r["identity_accuracy"], r["identity_decisions"], r["identity_accuracy_of_prior_images"],
+                            r["identity_decisions"])
+    if "identity_per_image" in r and "identity_per_image" in other:
         theirs = dict(zip(map(tuple, other["identity_per_image"]["keys"]), other["identity_per_image"]["accuracy"]))
         keys = [tuple(k) for k in r["identity_per_image"]["keys"]]
         differences = torch.tensor(r["identity_per_image"]["accuracy"]) - torch.tensor([theirs[k] for k in keys])
         gap = paired_gap(keys, differences)
         return gap["gap"], gap["stderr"]
-    b = r["identity_accuracy_of_prior_images"] if other is None else other["identity_accuracy"]
-    n_b = r["identity_decisions"] if other is None else other["identity_decisions"]
-    return accuracy_gap(r["identity_accuracy"], r["identity_decisions"], b, n_b)
+    return accuracy_gap(r["identity_accuracy"], r["identity_decisions"], other["identity_accuracy"],
+                        other["identity_decisions"])
 
 
 # The variants every other one is measured against: the swap's and context's baseline, and the ablation
